@@ -1,0 +1,79 @@
+// csrc/api.cpp: the C++ API of qlora/ops.h, calling each operator through the dispatcher.
+#include "qlora/ops.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+
+namespace qlora {
+namespace {
+
+template <typename Sig> c10::TypedOperatorHandle<Sig> op_handle(const char* name) {
+    return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+} // namespace
+
+int64_t Nf4Tensor::numel() const {
+    int64_t n = 1;
+    for (int64_t s : shape) {
+        n *= s;
+    }
+    return n;
+}
+
+Nf4Tensor
+nf4_quantize(const at::Tensor& weight, int64_t blocksize, bool double_quant, const std::optional<at::Tensor>& code) {
+    using Sig = std::tuple<
+        at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+        at::Tensor>(const at::Tensor&, int64_t, bool, const std::optional<at::Tensor>&);
+    static const auto op = op_handle<Sig>("qlora::nf4_quantize");
+    auto [packed, absmax, nested_absmax, nested_code, offset] = op.call(weight, blocksize, double_quant, code);
+    Nf4Tensor q;
+    q.packed = packed;
+    q.absmax = absmax;
+    if (double_quant) {
+        q.nested_absmax = nested_absmax;
+        q.nested_code = nested_code;
+        q.offset = offset;
+    }
+    q.shape = weight.sizes().vec();
+    q.dtype = weight.scalar_type();
+    q.blocksize = blocksize;
+    return q;
+}
+
+at::Tensor nf4_dequantize(const Nf4Tensor& q, std::optional<at::ScalarType> dtype) {
+    using Sig = at::Tensor(
+        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+        const std::optional<at::Tensor>&, c10::SymIntArrayRef, at::ScalarType, int64_t
+    );
+    static const auto op = op_handle<Sig>("qlora::nf4_dequantize");
+    auto opt = [](const at::Tensor& t) {
+        return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    return op.call(
+        q.packed, q.absmax, opt(q.nested_absmax), opt(q.nested_code), opt(q.offset), c10::fromIntArrayRefSlow(q.shape),
+        dtype.value_or(q.dtype), q.blocksize
+    );
+}
+
+at::Tensor nf4_code() {
+    static const auto op = op_handle<at::Tensor()>("qlora::nf4_code");
+    return op.call();
+}
+
+at::Tensor dynamic8_code(bool is_signed) {
+    static const auto op = op_handle<at::Tensor(bool)>("qlora::dynamic8_code");
+    return op.call(is_signed);
+}
+
+std::string cpu_isa() {
+    static const auto op = op_handle<std::string()>("qlora::cpu_isa");
+    return op.call();
+}
+
+void set_cpu_isa(const std::string& isa) {
+    static const auto op = op_handle<void(const std::string&)>("qlora::_set_cpu_isa");
+    op.call(isa);
+}
+
+} // namespace qlora

@@ -1,0 +1,50 @@
+// qlora/ops.h: the C++ API of qlora's operators, for LibTorch programs (the trainer, examples, users).
+//
+// Every function calls its operator through the PyTorch dispatcher (so CPU, CUDA, Meta and autograd kernels are
+// chosen exactly as for torch.ops.qlora.* in Python). Link the target qlora::ops (find_package(qlora)); it carries
+// --no-as-needed so the operator registrations are never dropped by the linker.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+
+namespace qlora {
+
+// A tensor quantized to NF4 (bitsandbytes' QuantState, spec nf4-and-optimizer.md §1.8).
+struct Nf4Tensor {
+    at::Tensor packed;        // uint8 [(n + 1) / 2, 1]
+    at::Tensor absmax;        // float32 [NB], or uint8 [NB] when double-quantized
+    at::Tensor nested_absmax; // float32 [NB2] when double-quantized, else empty
+    at::Tensor nested_code;   // float32 [256] when double-quantized, else empty
+    at::Tensor offset;        // float32 [] when double-quantized, else empty
+    std::vector<int64_t> shape;
+    at::ScalarType dtype = at::kFloat; // dtype of the original weight, the default dequantization dtype
+    int64_t blocksize = 64;
+
+    bool double_quantized() const { return absmax.defined() && absmax.scalar_type() == at::kByte; }
+    int64_t numel() const;
+};
+
+// qlora::nf4_quantize: weight (float32, bfloat16 or float16, any shape) -> Nf4Tensor. `nested_code` replaces the
+// default signed dynamic map used for double quantization (256 ascending float32 values).
+Nf4Tensor nf4_quantize(
+    const at::Tensor& weight, int64_t blocksize = 64, bool double_quant = true,
+    const std::optional<at::Tensor>& nested_code = std::nullopt
+);
+
+// qlora::nf4_dequantize: back to a dense tensor of q.shape, in `dtype` (default: q.dtype).
+at::Tensor nf4_dequantize(const Nf4Tensor& q, std::optional<at::ScalarType> dtype = std::nullopt);
+
+// The 16 NF4 values and the signed/unsigned dynamic 8-bit maps, float32 CPU tensors.
+at::Tensor nf4_code();
+at::Tensor dynamic8_code(bool is_signed = true);
+
+// SIMD instruction set of the CPU kernels ("avx512", "avx2", "scalar"), and a way to lower it (tests, benchmarks).
+std::string cpu_isa();
+void set_cpu_isa(const std::string& isa);
+
+} // namespace qlora

@@ -1,0 +1,67 @@
+// csrc/library.cpp: every qlora operator schema, in one TORCH_LIBRARY block.
+//
+// Kernels live elsewhere: cpu/*.cpp (CPU), cuda/*.cu (CUDA), meta.cpp (Meta: shapes only, for torch.compile and
+// torch.export). The utility ops at the end have a single backend-independent kernel. Shapes use the letters of
+// nf4_checks.h (n = numel, B = blocksize, NB = ceil(n / B), NB2 = ceil(NB / 256)).
+#include <string>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "core/nf4.h"
+#include "cpu/cpu_isa.h"
+#include "cpu/dynamic8_cpu.h"
+
+namespace qlora {
+namespace {
+
+at::Tensor nf4_code() {
+    at::Tensor code = at::empty({core::kNf4Codes}, at::TensorOptions().dtype(at::kFloat));
+    for (int i = 0; i < core::kNf4Codes; ++i) {
+        code.data_ptr<float>()[i] = core::nf4_value(i);
+    }
+    return code;
+}
+
+at::Tensor dynamic8_code(bool is_signed) {
+    return cpu::dynamic8_code_tensor(is_signed);
+}
+
+std::string cpu_isa() {
+    return cpu::cpu_isa_name(cpu::cpu_isa());
+}
+
+void set_cpu_isa(const std::string& isa) {
+    cpu::set_cpu_isa(cpu::cpu_isa_from_name(isa, "qlora::_set_cpu_isa"));
+}
+
+} // namespace
+
+TORCH_LIBRARY(qlora, m)
+{
+    // NF4 quantization of a whole tensor, blocks of B over its flattened (row-major) elements; bitsandbytes'
+    // quantize_4bit(quant_type="nf4", compress_statistics=double_quant) byte for byte.
+    //   weight [*] float32|bfloat16|float16, any numel > 0 -> packed uint8 [(n+1)/2, 1]; absmax float32 [NB] or,
+    //   double-quantized, uint8 [NB] with nested_absmax float32 [NB2], nested_code float32 [256], offset float32 []
+    //   (the three are [0] when double_quant is false). nested_code (float32 [256], ascending) replaces the default
+    //   signed dynamic map for the nested codes, e.g. to reproduce a checkpoint written with another map.
+    m.def("nf4_quantize(Tensor weight, int blocksize=64, bool double_quant=True, Tensor? nested_code=None) -> "
+          "(Tensor packed, Tensor absmax, Tensor nested_absmax, Tensor nested_code, Tensor offset)");
+    // Inverse of nf4_quantize: out[shape] of `dtype` = LUT[code] * absmax, rounded once to dtype. nested_* and
+    // offset are required when absmax is uint8 (double-quantized) and ignored otherwise.
+    m.def("nf4_dequantize(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
+          "SymInt[] shape, ScalarType dtype, int blocksize=64) -> Tensor");
+
+    // Utilities (one kernel for every backend; excluded from opcheck, see tests/python/test_nf4.py).
+    // The 16 NF4 code values (bitsandbytes' `quant_map`), float32 [16] on CPU.
+    m.def("nf4_code() -> Tensor", &nf4_code);
+    // The signed or unsigned dynamic 8-bit map (`nested_quant_map`, optimizer qmap1/qmap2), float32 [256] on CPU.
+    m.def("dynamic8_code(bool is_signed=True) -> Tensor", &dynamic8_code);
+    // The SIMD instruction set the CPU kernels use now: "avx512", "avx2" or "scalar".
+    m.def("cpu_isa() -> str", &cpu_isa);
+    // Lowers (or restores) that instruction set for this process; for tests and benchmarks.
+    m.def("_set_cpu_isa(str isa) -> ()", &set_cpu_isa);
+}
+
+} // namespace qlora

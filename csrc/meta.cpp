@@ -1,0 +1,54 @@
+// csrc/meta.cpp: Meta kernels (output shapes and dtypes only) for every qlora operator with tensor outputs, so
+// torch.compile(fullgraph=True) and torch.export trace the ops without running them. They check what can be
+// checked from metadata alone, with the same messages as the real kernels (nf4_checks.h).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "nf4_checks.h"
+
+namespace qlora {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_quantize_meta(
+    const at::Tensor& weight, int64_t blocksize, bool double_quant, const std::optional<at::Tensor>& nested_code
+) {
+    nf4_check_quantize_args(weight, blocksize);
+    nf4_check_nested_code_arg(nested_code, weight);
+    const c10::SymInt n = weight.sym_numel();
+    const c10::SymInt nblocks = (n + blocksize - 1) / blocksize;
+    const at::TensorOptions u8 = weight.options().dtype(at::kByte);
+    const at::TensorOptions f32 = weight.options().dtype(at::kFloat);
+    at::Tensor packed = at::empty_symint({(n + 1) / 2, 1}, u8);
+    if (!double_quant) {
+        return {
+            packed, at::empty_symint({nblocks}, f32), at::empty({0}, f32), at::empty({0}, f32), at::empty({0}, f32)};
+    }
+    const c10::SymInt nblocks2 = (nblocks + core::kDoubleQuantBlockSize - 1) / core::kDoubleQuantBlockSize;
+    return {
+        packed, at::empty_symint({nblocks}, u8), at::empty_symint({nblocks2}, f32),
+        at::empty({core::kDynamic8Codes}, f32), at::empty({}, f32)};
+}
+
+at::Tensor nf4_dequantize_meta(
+    const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset, c10::SymIntArrayRef shape,
+    at::ScalarType dtype, int64_t blocksize
+) {
+    c10::SymInt n = 1;
+    for (const c10::SymInt& s : shape) {
+        n = n * s;
+    }
+    nf4_check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, n, dtype, blocksize);
+    return at::empty_symint(shape, packed.options().dtype(dtype));
+}
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(qlora, Meta, m)
+{
+    m.impl("nf4_quantize", &nf4_quantize_meta);
+    m.impl("nf4_dequantize", &nf4_dequantize_meta);
+}
+
+} // namespace qlora
