@@ -56,6 +56,19 @@ at::Tensor nf4_dequantize(const Nf4Tensor& q, std::optional<at::ScalarType> dtyp
     );
 }
 
+void nf4_dequantize_into(const Nf4Tensor& q, at::Tensor& out) {
+    using Sig =
+        void(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, c10::SymIntArrayRef, at::ScalarType, int64_t, at::Tensor&);
+    static const auto op = op_handle<Sig>("qlora::nf4_dequantize_into");
+    auto opt = [](const at::Tensor& t) {
+        return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+    };
+    op.call(
+        q.packed, q.absmax, opt(q.nested_absmax), opt(q.nested_code), opt(q.offset), c10::fromIntArrayRefSlow(q.shape),
+        out.scalar_type(), q.blocksize, out
+    );
+}
+
 at::Tensor nf4_code() {
     static const auto op = op_handle<at::Tensor()>("qlora::nf4_code");
     return op.call();

@@ -7,6 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "core/nf4.h"
@@ -38,8 +39,7 @@ void set_cpu_isa(const std::string& isa) {
 
 } // namespace
 
-TORCH_LIBRARY(qlora, m)
-{
+TORCH_LIBRARY(qlora, m) {
     // NF4 quantization of a whole tensor, blocks of B over its flattened (row-major) elements; bitsandbytes'
     // quantize_4bit(quant_type="nf4", compress_statistics=double_quant) byte for byte.
     //   weight [*] float32|bfloat16|float16, any numel > 0 -> packed uint8 [(n+1)/2, 1]; absmax float32 [NB] or,
@@ -52,6 +52,10 @@ TORCH_LIBRARY(qlora, m)
     // offset are required when absmax is uint8 (double-quantized) and ignored otherwise.
     m.def("nf4_dequantize(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, "
           "SymInt[] shape, ScalarType dtype, int blocksize=64) -> Tensor");
+    // The same into a preallocated contiguous `out` of exactly that shape and dtype (never resized). Returns nothing:
+    // a custom op that returns a mutated input cannot be functionalized (torch.compile, torch.export).
+    m.def("nf4_dequantize_into(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+          "Tensor? offset, SymInt[] shape, ScalarType dtype, int blocksize, Tensor(a!) out) -> ()");
 
     // Utilities (one kernel for every backend; excluded from opcheck, see tests/python/test_nf4.py).
     // The 16 NF4 code values (bitsandbytes' `quant_map`), float32 [16] on CPU.
@@ -62,6 +66,15 @@ TORCH_LIBRARY(qlora, m)
     m.def("cpu_isa() -> str", &cpu_isa);
     // Lowers (or restores) that instruction set for this process; for tests and benchmarks.
     m.def("_set_cpu_isa(str isa) -> ()", &set_cpu_isa);
+}
+
+// NF4 storage is not differentiable (integer codes; qlora::linear gives no gradient to the frozen weight either). A
+// tensor that requires grad passes through, and backward through these outputs raises instead of silently giving
+// no gradient.
+TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
+    m.impl("nf4_quantize", torch::autograd::autogradNotImplementedFallback());
+    m.impl("nf4_dequantize", torch::autograd::autogradNotImplementedFallback());
+    m.impl("nf4_dequantize_into", torch::autograd::autogradNotImplementedFallback());
 }
 
 } // namespace qlora

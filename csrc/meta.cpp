@@ -10,6 +10,14 @@
 namespace qlora {
 namespace {
 
+c10::SymInt shape_numel(c10::SymIntArrayRef shape) {
+    c10::SymInt n = 1;
+    for (const c10::SymInt& s : shape) {
+        n = n * s;
+    }
+    return n;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_quantize_meta(
     const at::Tensor& weight, int64_t blocksize, bool double_quant, const std::optional<at::Tensor>& nested_code
 ) {
@@ -35,20 +43,27 @@ at::Tensor nf4_dequantize_meta(
     const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset, c10::SymIntArrayRef shape,
     at::ScalarType dtype, int64_t blocksize
 ) {
-    c10::SymInt n = 1;
-    for (const c10::SymInt& s : shape) {
-        n = n * s;
-    }
+    const c10::SymInt n = shape_numel(shape);
     nf4_check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, n, dtype, blocksize);
     return at::empty_symint(shape, packed.options().dtype(dtype));
 }
 
+void nf4_dequantize_into_meta(
+    const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset, c10::SymIntArrayRef shape,
+    at::ScalarType dtype, int64_t blocksize, at::Tensor& out
+) {
+    const c10::SymInt n = shape_numel(shape);
+    nf4_check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, n, dtype, blocksize);
+    nf4_check_dequantize_out(out, shape, dtype, packed);
+}
+
 } // namespace
 
-TORCH_LIBRARY_IMPL(qlora, Meta, m)
-{
+TORCH_LIBRARY_IMPL(qlora, Meta, m) {
     m.impl("nf4_quantize", &nf4_quantize_meta);
     m.impl("nf4_dequantize", &nf4_dequantize_meta);
+    m.impl("nf4_dequantize_into", &nf4_dequantize_into_meta);
 }
 
 } // namespace qlora

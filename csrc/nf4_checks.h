@@ -141,4 +141,18 @@ inline void nf4_check_dequantize_args(
     same_device(*offset, "offset");
 }
 
+// The `out` tensor of nf4_dequantize_into: exactly the requested shape and dtype, contiguous, beside `packed`. It is
+// never resized: a preallocated buffer that does not fit is a caller bug worth reporting.
+inline void nf4_check_dequantize_out(
+    const at::Tensor& out, c10::SymIntArrayRef sizes, at::ScalarType dtype, const at::Tensor& packed
+) {
+    const char* op = "qlora::nf4_dequantize_into";
+    TORCH_CHECK(out.scalar_type() == dtype, op, ": out has dtype ", out.scalar_type(), " but dtype is ", dtype);
+    TORCH_CHECK(out.sym_sizes() == sizes, op, ": out has shape ", out.sym_sizes(), " but shape is ", sizes);
+    TORCH_CHECK(out.is_contiguous(), op, ": out must be contiguous");
+    TORCH_CHECK(
+        out.device() == packed.device(), op, ": out is on ", out.device(), " but packed is on ", packed.device()
+    );
+}
+
 } // namespace qlora

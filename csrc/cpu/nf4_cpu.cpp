@@ -81,7 +81,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_quant
     if (!double_quant) {
         return {packed, absmax, at::empty({0}, f32), at::empty({0}, f32), at::empty({0}, f32)};
     }
-    at::Tensor code = nested_code.has_value() ? nested_code->contiguous() : dynamic8_code_tensor(/*is_signed=*/true);
+    // A fresh copy: an output must never alias an input (the schema declares no alias).
+    at::Tensor code = nested_code.has_value() ? nested_code->clone(at::MemoryFormat::Contiguous)
+                                              : dynamic8_code_tensor(/*is_signed=*/true);
     if (nested_code.has_value()) {
         dynamic8_check_code_sorted(code, "qlora::nf4_quantize");
     }
@@ -91,14 +93,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_quant
     return {packed, codes, nested_absmax, code, offset};
 }
 
-at::Tensor nf4_dequantize_cpu(
+namespace {
+
+// Dequantizes into `out` (already checked: contiguous, numel n, dtype, on CPU).
+void dequantize_into(
     const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset, c10::SymIntArrayRef shape,
-    at::ScalarType dtype, int64_t blocksize
+    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset, int64_t n, int64_t blocksize,
+    at::Tensor& out
 ) {
-    const std::vector<int64_t> sizes = C10_AS_INTARRAYREF_SLOW(shape).vec();
-    const int64_t n = nf4_shape_numel(sizes);
-    nf4_check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, n, dtype, blocksize);
     const at::Tensor packed_c = packed.contiguous();
     const at::Tensor absmax_c = absmax.contiguous();
     at::Tensor nested_absmax_c;
@@ -114,9 +116,8 @@ at::Tensor nf4_dequantize_cpu(
         am.nested_code = nested_code_c.const_data_ptr<float>();
         am.offset = offset->item<float>();
     }
-    at::Tensor out = at::empty(sizes, packed.options().dtype(dtype));
     const uint8_t* p = packed_c.const_data_ptr<uint8_t>();
-    switch (dtype) {
+    switch (out.scalar_type()) {
     case at::kFloat:
         dequantize_dispatch(p, am, n, blocksize, out.data_ptr<float>());
         break;
@@ -127,13 +128,39 @@ at::Tensor nf4_dequantize_cpu(
         dequantize_dispatch(p, am, n, blocksize, out.data_ptr<c10::Half>());
         break;
     }
+}
+
+} // namespace
+
+at::Tensor nf4_dequantize_cpu(
+    const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset, c10::SymIntArrayRef shape,
+    at::ScalarType dtype, int64_t blocksize
+) {
+    const std::vector<int64_t> sizes = C10_AS_INTARRAYREF_SLOW(shape).vec();
+    const int64_t n = nf4_shape_numel(sizes);
+    nf4_check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, n, dtype, blocksize);
+    at::Tensor out = at::empty(sizes, packed.options().dtype(dtype));
+    dequantize_into(packed, absmax, nested_absmax, nested_code, offset, n, blocksize, out);
     return out;
 }
 
-TORCH_LIBRARY_IMPL(qlora, CPU, m)
-{
+void nf4_dequantize_into_cpu(
+    const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset, c10::SymIntArrayRef shape,
+    at::ScalarType dtype, int64_t blocksize, at::Tensor& out
+) {
+    const std::vector<int64_t> sizes = C10_AS_INTARRAYREF_SLOW(shape).vec();
+    const int64_t n = nf4_shape_numel(sizes);
+    nf4_check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, n, dtype, blocksize);
+    nf4_check_dequantize_out(out, shape, dtype, packed);
+    dequantize_into(packed, absmax, nested_absmax, nested_code, offset, n, blocksize, out);
+}
+
+TORCH_LIBRARY_IMPL(qlora, CPU, m) {
     m.impl("nf4_quantize", &nf4_quantize_cpu);
     m.impl("nf4_dequantize", &nf4_dequantize_cpu);
+    m.impl("nf4_dequantize_into", &nf4_dequantize_into_cpu);
 }
 
 } // namespace qlora::cpu

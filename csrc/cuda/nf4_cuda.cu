@@ -71,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_quant
         cpu::dynamic8_check_code_sorted(*nested_code, "qlora::nf4_quantize");
     }
     const at::Tensor code = (nested_code.has_value() ? *nested_code : cpu::dynamic8_code_tensor(/*is_signed=*/true))
-                                .to(w.device())
+                                .to(w.device(), /*non_blocking=*/false, /*copy=*/true) // outputs never alias inputs
                                 .contiguous();
     at::Tensor codes = at::empty({nblocks}, w.options().dtype(at::kByte));
     at::Tensor nested_absmax = at::empty({ceil_div(nblocks, kDynamic8Threads)}, f32);
@@ -83,14 +83,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> nf4_quant
     return {packed, codes, nested_absmax, code, offset};
 }
 
-at::Tensor nf4_dequantize_cuda(
+namespace {
+
+// Dequantizes into `out` (already checked: contiguous, numel n, dtype, same device as packed).
+void dequantize_into(
     const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
-    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset, c10::SymIntArrayRef shape,
-    at::ScalarType dtype, int64_t blocksize
+    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset, int64_t n, int64_t blocksize,
+    at::Tensor& out
 ) {
-    const std::vector<int64_t> sizes = C10_AS_INTARRAYREF_SLOW(shape).vec();
-    const int64_t n = nf4_shape_numel(sizes);
-    nf4_check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, n, dtype, blocksize);
     check_cuda(packed, "qlora::nf4_dequantize", "packed");
     const c10::cuda::CUDAGuard guard(packed.device());
     const at::Tensor packed_c = packed.contiguous();
@@ -113,10 +113,9 @@ at::Tensor nf4_dequantize_cuda(
     }
     p.n = n;
     p.blocksize = blocksize;
-    at::Tensor out = at::empty(sizes, packed.options().dtype(dtype));
     p.out = out.data_ptr();
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    switch (dtype) {
+    switch (out.scalar_type()) {
     case at::kFloat:
         nf4_dequantize_launch<float>(p, stream);
         break;
@@ -128,13 +127,39 @@ at::Tensor nf4_dequantize_cuda(
         break;
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+} // namespace
+
+at::Tensor nf4_dequantize_cuda(
+    const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset, c10::SymIntArrayRef shape,
+    at::ScalarType dtype, int64_t blocksize
+) {
+    const std::vector<int64_t> sizes = C10_AS_INTARRAYREF_SLOW(shape).vec();
+    const int64_t n = nf4_shape_numel(sizes);
+    nf4_check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, n, dtype, blocksize);
+    at::Tensor out = at::empty(sizes, packed.options().dtype(dtype));
+    dequantize_into(packed, absmax, nested_absmax, nested_code, offset, n, blocksize, out);
     return out;
 }
 
-TORCH_LIBRARY_IMPL(qlora, CUDA, m)
-{
+void nf4_dequantize_into_cuda(
+    const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset, c10::SymIntArrayRef shape,
+    at::ScalarType dtype, int64_t blocksize, at::Tensor& out
+) {
+    const std::vector<int64_t> sizes = C10_AS_INTARRAYREF_SLOW(shape).vec();
+    const int64_t n = nf4_shape_numel(sizes);
+    nf4_check_dequantize_args(packed, absmax, nested_absmax, nested_code, offset, n, dtype, blocksize);
+    nf4_check_dequantize_out(out, shape, dtype, packed);
+    dequantize_into(packed, absmax, nested_absmax, nested_code, offset, n, blocksize, out);
+}
+
+TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
     m.impl("nf4_quantize", &nf4_quantize_cuda);
     m.impl("nf4_dequantize", &nf4_dequantize_cuda);
+    m.impl("nf4_dequantize_into", &nf4_dequantize_into_cuda);
 }
 
 } // namespace qlora::cuda

@@ -39,6 +39,10 @@ Nf4Tensor nf4_quantize(
 // qlora::nf4_dequantize: back to a dense tensor of q.shape, in `dtype` (default: q.dtype).
 at::Tensor nf4_dequantize(const Nf4Tensor& q, std::optional<at::ScalarType> dtype = std::nullopt);
 
+// qlora::nf4_dequantize_into: the same into `out` (contiguous, q.shape, dtype out.scalar_type(); never resized), so a
+// caller that dequantizes repeatedly reuses one buffer instead of allocating (and page-faulting) a new one.
+void nf4_dequantize_into(const Nf4Tensor& q, at::Tensor& out);
+
 // The 16 NF4 values and the signed/unsigned dynamic 8-bit maps, float32 CPU tensors.
 at::Tensor nf4_code();
 at::Tensor dynamic8_code(bool is_signed = true);

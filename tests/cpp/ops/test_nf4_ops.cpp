@@ -207,6 +207,20 @@ TEST(Nf4OpsTest, BadInputsGiveClearErrors) {
     EXPECT_NE(error_of([&] { qlora::nf4_dequantize(q, at::kInt); }).find("dtype must be float32"), std::string::npos);
 }
 
+TEST(Nf4OpsTest, DequantizeOutWritesIntoTheGivenBuffer) {
+    const Nf4Tensor q = qlora::nf4_quantize(at::randn({100, 70}), 64, true);
+    at::Tensor out = at::full({100, 70}, NAN, at::kBFloat16);
+    const void* before = out.data_ptr();
+    qlora::nf4_dequantize_into(q, out);
+    EXPECT_EQ(out.data_ptr(), before);
+    EXPECT_TRUE(at::equal(out, qlora::nf4_dequantize(q, at::kBFloat16)));
+    at::Tensor wrong = at::empty({70, 100});
+    EXPECT_NE(
+        error_of([&] { qlora::nf4_dequantize_into(q, wrong); }).find("out has shape [70, 100] but shape is [100, 70]"),
+        std::string::npos
+    );
+}
+
 TEST(Nf4OpsTest, MetaKernelsGiveShapesWithoutData) {
     const at::Tensor w = at::empty({300, 7}, at::TensorOptions().device(at::kMeta).dtype(at::kBFloat16));
     const Nf4Tensor q = qlora::nf4_quantize(w, 64, true);

@@ -1,0 +1,44 @@
+"""qlora: QLoRA fine-tuning of Llama models as PyTorch C++/CUDA operators and a native LibTorch trainer.
+
+Importing this package loads the operator library, which registers ``torch.ops.qlora.*``:
+
+* ``nf4_quantize`` / ``nf4_dequantize``: NF4 storage, byte-compatible with bitsandbytes (``qlora.functional``).
+* ``nf4_code``, ``dynamic8_code``, ``cpu_isa``, ``_set_cpu_isa``: tables and CPU-kernel controls.
+
+``QLORA_LIBRARY=/path/to/libqlora_ops.so`` loads another build of the same operators (for example the CMake one)
+instead of the extension built by ``setup.py``.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import torch
+
+__version__ = "0.1.0"
+
+
+def _library_path() -> str:
+    override = os.environ.get("QLORA_LIBRARY")
+    if override:
+        if not os.path.isfile(override):
+            raise ImportError(f"qlora: QLORA_LIBRARY={override} does not exist")
+        return override
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = sorted(glob.glob(os.path.join(here, "_C*.so")))
+    if not found:
+        raise ImportError(
+            "qlora: the operator library qlora/_C*.so is not built; run scripts/setup.sh "
+            "(or `pip install --no-build-isolation -e .`) first"
+        )
+    return found[0]
+
+
+LIBRARY_PATH = _library_path()
+torch.ops.load_library(LIBRARY_PATH)
+
+from . import functional  # noqa: E402
+from .functional import NF4Tensor, dequantize_nf4, quantize_nf4  # noqa: E402
+
+__all__ = ["LIBRARY_PATH", "NF4Tensor", "dequantize_nf4", "functional", "quantize_nf4"]

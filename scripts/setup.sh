@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# scripts/setup.sh: everything a fresh Debian machine needs to build and test qlora, and the builds themselves.
+# Idempotent; a second run only rebuilds what changed (ninja + ccache).
+#
+#   1. Debian packages (compilers, CMake, ninja, ccache, GoogleTest and the libraries of the trainer).
+#   2. .venv/ with torch==2.14.1 (installed from local disk) and the test-only packages of requirements-test.txt.
+#   3. The CMake build in build/ (operator library, C++ tests and examples; binaries in build/bin/).
+#   4. The Python extension qlora/_C built by setup.py (torch.utils.cpp_extension) into python/qlora/.
+#
+# Environment: QLORA_BUILD_CUDA=0 skips the CUDA kernels; TORCH_CUDA_ARCH_LIST (default "8.0;9.0");
+# QLORA_WERROR=ON turns warnings into errors (CI); JOBS (default: number of cores).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$PWD
+jobs=${JOBS:-$(nproc)}
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+# 1. Debian packages --------------------------------------------------------------------------------------------
+apt_packages=(build-essential cmake ninja-build ccache git python3-venv clang-format
+  libyaml-cpp-dev libsentencepiece-dev nlohmann-json3-dev libgtest-dev libbenchmark-dev libcli11-dev libfmt-dev)
+missing=()
+for p in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  sudo_cmd=""
+  [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# 2. Python environment ------------------------------------------------------------------------------------------
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv with $($python --version)"
+  $python -m venv .venv
+fi
+want="torch==2.14.1 $(sha256sum requirements-test.txt | cut -c1-16)"
+if [ "$(cat .venv/.qlora-deps 2>/dev/null)" != "$want" ]; then
+  log "installing torch==2.14.1 and the test packages into .venv"
+  .venv/bin/pip install -q --upgrade pip setuptools wheel
+  .venv/bin/pip install -q torch==2.14.1 -r requirements-test.txt
+  echo "$want" > .venv/.qlora-deps
+fi
+
+# 3. CMake build --------------------------------------------------------------------------------------------------
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+cuda_flag=()
+[ "${QLORA_BUILD_CUDA:-}" = "0" ] && cuda_flag=(-DQLORA_BUILD_CUDA=OFF)
+torch_prefix=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')
+mkdir -p build
+if [ ! -f build/build.ninja ]; then
+  log "configuring CMake in build/"
+  cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$torch_prefix" \
+    -DQLORA_BUILD_EXAMPLES=ON -DQLORA_WERROR="${QLORA_WERROR:-OFF}" "${cuda_flag[@]}" >build/configure.log 2>&1 ||
+    { cat build/configure.log; exit 1; }
+fi
+log "building (CMake, $jobs jobs)"
+cmake --build build -j "$jobs" | grep -vE '^\[[0-9]+/[0-9]+\] ' || true
+test "${PIPESTATUS[0]}" -eq 0
+
+# 4. Python extension (setup.py) ----------------------------------------------------------------------------------
+export PATH=/usr/lib/ccache:$PATH
+export PYTORCH_NVCC="ccache $CUDA_HOME/bin/nvcc"
+export MAX_JOBS=$jobs
+if [ ! -f .venv/.qlora-installed ]; then
+  log "installing the qlora package (setup.py, editable)"
+  .venv/bin/pip install -q --no-build-isolation --no-deps -e . >build/pip-install.log 2>&1 ||
+    { cat build/pip-install.log; exit 1; }
+  touch .venv/.qlora-installed
+else
+  log "building the Python extension (setup.py build_ext --inplace)"
+  .venv/bin/python setup.py -q build_ext --inplace >build/setuptools.log 2>&1 || { cat build/setuptools.log; exit 1; }
+fi
+.venv/bin/python -c 'import qlora, torch; print("[setup] qlora ready:", qlora.LIBRARY_PATH, "| CPU ISA:", torch.ops.qlora.cpu_isa())'
