@@ -46,7 +46,9 @@ def qlora_sources(with_cuda: bool) -> list[str]:
 
 
 with_cuda = want_cuda()
-cxx_flags = ["-O3", "-ffp-contract=off", "-Wall", "-Wno-unused-parameter"]
+# -fopenmp: at::parallel_for is an inline `#pragma omp parallel` in torch's headers; without it the CPU kernels are
+# single-threaded.
+cxx_flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-Wall", "-Wno-unused-parameter"]
 nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-Xcompiler=-ffp-contract=off"]
 Extension = CUDAExtension if with_cuda else CppExtension
 ext = Extension(
@@ -55,6 +57,7 @@ ext = Extension(
     include_dirs=[os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")],
     define_macros=[("QLORA_WITH_CUDA", "1")] if with_cuda else [],
     extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags},
+    extra_link_args=["-fopenmp"],
 )
 
 setup(

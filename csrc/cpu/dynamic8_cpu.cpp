@@ -10,6 +10,7 @@
 
 #include "../core/blockwise.h"
 #include "../core/dynamic8.h"
+#include "dynamic8_simd.h"
 
 namespace qlora::cpu {
 
@@ -48,6 +49,7 @@ dynamic8_quantize_blocks_cpu(const at::Tensor& x, int64_t blocksize, const at::T
     const float* src = x.const_data_ptr<float>();
     uint8_t* q = codes.data_ptr<uint8_t>();
     float* am = absmax.data_ptr<float>();
+    const CpuIsa isa = cpu_isa();
     at::parallel_for(0, nblocks, std::max<int64_t>(1, 16384 / blocksize), [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
             const int64_t s = b * blocksize;
@@ -57,10 +59,7 @@ dynamic8_quantize_blocks_cpu(const at::Tensor& x, int64_t blocksize, const at::T
                 m = core::absmax_update(m, src[i]);
             }
             am[b] = m;
-            const float scale = core::block_scale(m);
-            for (int64_t i = s; i < e; ++i) {
-                q[i] = core::dynamic8_encode(map.data(), core::fmul_rn(src[i], scale));
-            }
+            dynamic8_encode_run(isa, map.data(), src + s, core::block_scale(m), e - s, q + s);
         }
     });
     return {codes, absmax};

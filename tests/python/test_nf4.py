@@ -272,6 +272,24 @@ class TestNf4Ops:
             assert torch.equal(got.packed, ref.packed) and torch.equal(got.absmax, ref.absmax)
             assert torch.equal(got.dequantize(torch.float16), ref_out)
 
+    @pytest.mark.parametrize("isa", supported_isas())
+    def test_nested_codes_identical_on_every_isa(self, isa):
+        # 2^20 blocks of 32 -> 32768 nested values of both signs through the SIMD dynamic-8-bit search.
+        w = make_weight("heavy", (1 << 15, 32 * 32), torch.float32)
+        with cpu_isa("scalar"):
+            ref = qlora.quantize_nf4(w, 32, True)
+        with cpu_isa(isa):
+            got = qlora.quantize_nf4(w, 32, True)
+        assert torch.equal(got.absmax, ref.absmax) and torch.equal(got.nested_absmax, ref.nested_absmax)
+
+    def test_constant_weight_double_quant_is_exact(self):
+        # Every block has the same absmax, so absmax - offset is 0 in every nested block: nested absmax 0, scale inf,
+        # 0 * inf = NaN -> code 0, and the rebuilt absmax is code[0] * 0 + offset = offset exactly.
+        w = torch.full((64, 64), -0.75)
+        q = qlora.quantize_nf4(w, 64, True)
+        assert torch.all(q.nested_absmax == 0) and torch.all(q.absmax == 0)
+        assert torch.equal(q.dequantize(), w)
+
     def test_non_contiguous_input(self):
         w = torch.randn(64, 96)[:, ::2]
         assert not w.is_contiguous()

@@ -67,7 +67,7 @@ TEST(Nf4OpsTest, EverySimdPathMatchesScalar) {
     std::cout << "\n";
     at::manual_seed(0);
     // Sizes cover whole vectors, tails shorter than a vector, odd numel and a tail block.
-    for (int64_t n : {1, 2, 3, 15, 16, 17, 31, 33, 64, 100, 1023, 4097, 65537}) {
+    for (int64_t n : {1, 2, 3, 15, 16, 17, 31, 33, 64, 100, 1023, 4097, 65537, (1 << 20) + 1}) {
         for (int64_t bs : {32, 64, 256, 4096}) {
             for (at::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
                 at::Tensor w = (at::randn({n}) * 3).to(dt);
