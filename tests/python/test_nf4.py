@@ -112,7 +112,8 @@ class TestNf4Bitsandbytes:
         assert torch.equal(ours.nested_absmax, qs.state2.absmax)
         # bitsandbytes' CPU 8-bit quantizer looks codes up in a 65,536-bin table instead of searching (spec §6 a), so
         # it can miss the nearest entry of its own map; CUDA (and qlora) take the nearest. Every difference must be
-        # one where qlora's code is strictly nearer.
+        # one where qlora's code is at least as near (equal distance: an exact midpoint tie, which CUDA's search
+        # breaks toward its final pivot).
         plain = qlora.quantize_nf4(w, blocksize, double_quant=False)
         centred = plain.absmax - ours.offset
         scale = torch.reciprocal(ours.nested_absmax).repeat_interleave(256)[: centred.numel()]
@@ -122,11 +123,10 @@ class TestNf4Bitsandbytes:
         code = qs.state2.code
         err_ours = (code[ours_q] - y).abs()
         err_bnb = (code[bnb_q] - y).abs()
-        assert torch.all(err_ours[differ] < err_bnb[differ]), "a differing nested code must be the strictly nearer one"
-        assert torch.all(err_ours <= err_bnb)
-        # And qlora's code is the exact nearest entry (ties excluded by random data).
-        nearest = (code[None, :] - y[:, None]).abs().argmin(dim=1)
-        assert torch.equal(code[ours_q], code[nearest])
+        assert torch.all(err_ours <= err_bnb), "a differing nested code must be at least as near"
+        # And qlora's code is a nearest entry of the map.
+        assert torch.equal(err_ours, (code[None, :] - y[:, None]).abs().amin(dim=1))
+        print(f"nested codes differing from bitsandbytes' CPU lookup table: {differ.sum().item()} of {differ.numel()}")
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("blocksize", BLOCKSIZES)
@@ -260,6 +260,24 @@ class TestNf4Ops:
         for out_dtype in DTYPES:
             args = (*got, list(w.shape), out_dtype, 64)
             assert torch.equal(torch.ops.qlora.nf4_dequantize(*args), nf4_dequantize_ref(*args))
+
+    def test_nested_midpoint_ties_follow_the_search(self):
+        # Exact ties at a float32 midpoint of the dynamic map occur about once per 2^18 nested values; bitsandbytes'
+        # search breaks them toward its final pivot (sometimes the upper entry), and so must qlora. This weight is
+        # known to contain ties (asserted below, so the test cannot pass vacuously).
+        torch.manual_seed(2)
+        w = torch.randn(4096, 4096)
+        got = torch.ops.qlora.nf4_quantize(w, 64, True, None)
+        ref = nf4_quantize_ref(w, 64, True)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+        plain = torch.ops.qlora.nf4_quantize(w, 64, False, None)[1]
+        y = (plain - got[4]) * torch.reciprocal(got[2]).repeat_interleave(256)[: plain.numel()]
+        code = got[3]
+        mids = (code[:-1] + code[1:]) * 0.5
+        ties = torch.isin(y, mids)
+        assert ties.sum() >= 1, "the sample must contain an exact midpoint tie"
+        upper_side = code[got[1][ties].long()] > y[ties]
+        print(f"{ties.sum().item()} ties, {upper_side.sum().item()} resolved to the upper entry")
 
     @pytest.mark.parametrize("isa", supported_isas())
     def test_every_cpu_isa_gives_identical_results(self, isa):
