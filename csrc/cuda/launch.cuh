@@ -27,6 +27,13 @@
 #error "csrc/cuda kernel headers need nvcc or the CPU SIMT harness (tests/simt)"
 #endif
 
+// Dynamic shared memory of the running block, as an array of `type` named `name`.
+#if defined(__CUDACC__)
+#define QLORA_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#else
+#define QLORA_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(::qlora::simt::dynamic_shared())
+#endif
+
 namespace qlora::cuda {
 
 inline constexpr int kWarpSize = 32;

@@ -64,7 +64,7 @@ class TestNf4Bitsandbytes:
     @pytest.mark.parametrize("kind", ["normal", "uniform", "heavy", "zero_blocks"])
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)
     @pytest.mark.parametrize("shape", [(256, 128), (37, 61), (3, 5, 7), (4097,), (1,)], ids=str)
-    @pytest.mark.parametrize("blocksize", [32, 64, 256, 4096])
+    @pytest.mark.parametrize("blocksize", BLOCKSIZES)
     def test_codes_and_absmax_match(self, kind, dtype, shape, blocksize):
         w = make_weight(kind, shape, dtype)
         ours = qlora.quantize_nf4(w, blocksize, double_quant=False)
@@ -410,6 +410,12 @@ class TestNf4Errors:
         w[9, 99] = bad
         with pytest.raises(RuntimeError, match=r"qlora::nf4_quantize: weight contains NaN or Inf in block 5 \(flat elements 320 to 383\)"):
             qlora.quantize_nf4(w)
+
+    def test_tensors_on_different_devices_are_rejected(self):
+        q = qlora.quantize_nf4(torch.randn(10, 64))
+        meta_absmax = torch.empty_like(q.absmax, device="meta")
+        with pytest.raises(RuntimeError, match="absmax is on meta but packed is on cpu"):
+            torch.ops.qlora.nf4_dequantize(q.packed, meta_absmax, q.nested_absmax, q.nested_code, q.offset, [10, 64], torch.float32, 64)
 
     def test_dequantize_rejects_inconsistent_state(self):
         q = qlora.quantize_nf4(torch.randn(10, 64))
