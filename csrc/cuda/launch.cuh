@@ -44,10 +44,11 @@ inline constexpr int64_t ceil_div(int64_t a, int64_t b) {
 }
 
 // Grid size for a grid-stride loop over `work` items with `per_block` items per block, capped so the grid stays
-// within CUDA's limit (every kernel loops, so a capped grid still covers all work).
-inline unsigned grid_for(int64_t work, int64_t per_block) {
+// within CUDA's limit (every kernel loops, so a capped grid still covers all work). `max_blocks` > 0 caps it further:
+// the tests use it to make every block run several iterations of its grid-stride loop.
+inline unsigned grid_for(int64_t work, int64_t per_block, int64_t max_blocks = 0) {
     const int64_t blocks = ceil_div(work, per_block);
-    const int64_t cap = int64_t{1} << 20;
+    const int64_t cap = max_blocks > 0 ? max_blocks : int64_t{1} << 20;
     return static_cast<unsigned>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
 

@@ -92,9 +92,10 @@ template <typename T> __global__ void nf4_quantize_kernel(Nf4QuantizeParams p) {
     }
 }
 
-template <typename T> void nf4_quantize_launch(const Nf4QuantizeParams& p, cudaStream_t stream) {
+template <typename T>
+void nf4_quantize_launch(const Nf4QuantizeParams& p, cudaStream_t stream, int64_t max_blocks = 0) {
     const int64_t nblocks = ceil_div(p.n, p.blocksize);
-    const unsigned grid = grid_for(nblocks, kNf4QuantizeThreads / kWarpSize);
+    const unsigned grid = grid_for(nblocks, kNf4QuantizeThreads / kWarpSize, max_blocks);
     QLORA_LAUNCH(nf4_quantize_kernel<T>, grid, kNf4QuantizeThreads, 0, stream, p);
 }
 
@@ -144,8 +145,8 @@ __global__ void dynamic8_quantize_kernel(Dynamic8QuantizeParams p) {
     }
 }
 
-inline void dynamic8_quantize_launch(const Dynamic8QuantizeParams& p, cudaStream_t stream) {
-    const unsigned grid = grid_for(ceil_div(p.n, kDynamic8Threads), 1);
+inline void dynamic8_quantize_launch(const Dynamic8QuantizeParams& p, cudaStream_t stream, int64_t max_blocks = 0) {
+    const unsigned grid = grid_for(ceil_div(p.n, kDynamic8Threads), 1, max_blocks);
     QLORA_LAUNCH(dynamic8_quantize_kernel, grid, kDynamic8Threads, 0, stream, p);
 }
 
@@ -186,8 +187,9 @@ template <typename T> __global__ void nf4_dequantize_kernel(Nf4DequantizeParams 
     }
 }
 
-template <typename T> void nf4_dequantize_launch(const Nf4DequantizeParams& p, cudaStream_t stream) {
-    const unsigned grid = grid_for(core::nf4_packed_bytes(p.n), kNf4DequantizeThreads);
+template <typename T>
+void nf4_dequantize_launch(const Nf4DequantizeParams& p, cudaStream_t stream, int64_t max_blocks = 0) {
+    const unsigned grid = grid_for(core::nf4_packed_bytes(p.n), kNf4DequantizeThreads, max_blocks);
     QLORA_LAUNCH(nf4_dequantize_kernel<T>, grid, kNf4DequantizeThreads, 0, stream, p);
 }
 

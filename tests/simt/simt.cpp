@@ -6,6 +6,8 @@
 // kernel; then control returns to the scheduler, which picks the next fiber at random among the runnable ones. So
 // between two barriers the threads of a block run in a random interleaving at barrier granularity: a thread that reads
 // shared memory another thread writes, without a barrier between them, sees the old contents in some schedules.
+// The pick is uniform (Schedule::kUniform) or favours one warp at a time (Schedule::kWarpPriority, see simt.h), which
+// lets a warp run ahead into the next iteration of a loop while other warps still read what it is about to overwrite.
 //   - __syncthreads releases its waiters when every thread of the block has arrived. A thread that exits while
 //     others wait, or a state where nobody can run, is a deadlock and throws simt::Error.
 //   - A warp intrinsic completes when every lane named in its mask has arrived with the same intrinsic; the last
@@ -53,6 +55,8 @@ struct BlockRun {
     std::vector<WarpExchange> warps;
     int at_barrier = 0;
     int done = 0;
+    std::vector<uint64_t> warp_priority; // kWarpPriority: redrawn at every barrier release
+    std::mt19937_64* rng = nullptr;
     ucontext_t scheduler{};
     Fiber* current = nullptr;
     const std::function<void()>* fn = nullptr;
@@ -60,11 +64,14 @@ struct BlockRun {
 };
 
 uint64_t g_seed = 1;
+Schedule g_schedule = Schedule::kUniform;
 thread_local BlockRun* t_block = nullptr;
 thread_local std::vector<std::unique_ptr<char[]>> t_stacks;
 thread_local std::vector<unsigned char> t_dynamic_shared;
 
-[[noreturn]] void fail(const std::string& what) { throw Error("simt: " + what); }
+[[noreturn]] void fail(const std::string& what) {
+    throw Error("simt: " + what);
+}
 
 // Switches from the running fiber back to the scheduler.
 void yield_to_scheduler() {
@@ -133,8 +140,10 @@ uint64_t exchange_result(const WarpExchange& w, int lane) {
         fail("unknown warp operation");
     }
     if (!((w.expected >> src) & 1u)) {
-        fail("lane " + std::to_string(lane) + " reads lane " + std::to_string(src) +
-             ", which is not in the shuffle mask (undefined on the GPU)");
+        fail(
+            "lane " + std::to_string(lane) + " reads lane " + std::to_string(src) +
+            ", which is not in the shuffle mask (undefined on the GPU)"
+        );
     }
     return w.values[src];
 }
@@ -191,11 +200,18 @@ void run_block(BlockRun& b, const dim3& block_idx, const dim3& block, const dim3
     b.warps.assign((n + kWarp - 1) / kWarp, WarpExchange{});
     b.at_barrier = 0;
     b.done = 0;
+    b.rng = &rng;
+    b.warp_priority.resize(b.warps.size());
+    for (uint64_t& p : b.warp_priority) {
+        p = rng();
+    }
     for (size_t i = 0; i < n; ++i) {
         Fiber& f = b.fibers[i];
         f.linear = static_cast<int>(i);
-        f.coords.thread_idx = dim3(static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
-                                   static_cast<unsigned>(i / (static_cast<size_t>(block.x) * block.y)));
+        f.coords.thread_idx = dim3(
+            static_cast<unsigned>(i % block.x), static_cast<unsigned>((i / block.x) % block.y),
+            static_cast<unsigned>(i / (static_cast<size_t>(block.x) * block.y))
+        );
         f.coords.block_idx = block_idx;
         f.coords.block_dim = block;
         f.coords.grid_dim = grid;
@@ -208,10 +224,21 @@ void run_block(BlockRun& b, const dim3& block_idx, const dim3& block, const dim3
     std::vector<size_t> runnable;
     while (true) {
         runnable.clear();
+        uint64_t best = 0;
         for (size_t i = 0; i < n; ++i) {
-            if (b.fibers[i].state == FiberState::kRunnable) {
-                runnable.push_back(i);
+            if (b.fibers[i].state != FiberState::kRunnable) {
+                continue;
             }
+            if (g_schedule == Schedule::kWarpPriority) {
+                const uint64_t p = b.warp_priority[i / kWarp];
+                if (runnable.empty() || p > best) {
+                    runnable.clear();
+                    best = p;
+                } else if (p < best) {
+                    continue;
+                }
+            }
+            runnable.push_back(i);
         }
         if (runnable.empty()) {
             if (b.done == static_cast<int>(n)) {
@@ -221,10 +248,12 @@ void run_block(BlockRun& b, const dim3& block_idx, const dim3& block, const dim3
             for (const Fiber& f : b.fibers) {
                 waiting_warp += f.state == FiberState::kAtWarp;
             }
-            fail("deadlock in block (" + std::to_string(block_idx.x) + "," + std::to_string(block_idx.y) + "," +
-                 std::to_string(block_idx.z) + "): " + std::to_string(b.at_barrier) + " threads wait at __syncthreads, " +
-                 std::to_string(waiting_warp) + " at a warp intrinsic, " + std::to_string(b.done) +
-                 " have exited (a barrier or warp intrinsic that not every thread reaches)");
+            fail(
+                "deadlock in block (" + std::to_string(block_idx.x) + "," + std::to_string(block_idx.y) + "," +
+                std::to_string(block_idx.z) + "): " + std::to_string(b.at_barrier) +
+                " threads wait at __syncthreads, " + std::to_string(waiting_warp) + " at a warp intrinsic, " +
+                std::to_string(b.done) + " have exited (a barrier or warp intrinsic that not every thread reaches)"
+            );
         }
         Fiber& f = b.fibers[runnable[std::uniform_int_distribution<size_t>(0, runnable.size() - 1)(rng)]];
         b.current = &f;
@@ -245,9 +274,17 @@ const ThreadCoords& coords() {
     return t_block->current->coords;
 }
 
-void set_seed(uint64_t seed) { g_seed = seed; }
+void set_seed(uint64_t seed) {
+    g_seed = seed;
+}
 
-void* dynamic_shared() { return t_dynamic_shared.data(); }
+void set_schedule(Schedule schedule) {
+    g_schedule = schedule;
+}
+
+void* dynamic_shared() {
+    return t_dynamic_shared.data();
+}
 
 void syncthreads() {
     BlockRun* b = t_block;
@@ -259,8 +296,10 @@ void syncthreads() {
     ++b->at_barrier;
     if (b->at_barrier + b->done == static_cast<int>(b->fibers.size())) {
         if (b->done > 0) {
-            fail(coords_text(*f) + ": __syncthreads reached after " + std::to_string(b->done) +
-                 " threads of the block exited (they never arrive)");
+            fail(
+                coords_text(*f) + ": __syncthreads reached after " + std::to_string(b->done) +
+                " threads of the block exited (they never arrive)"
+            );
         }
         for (Fiber& other : b->fibers) {
             if (other.state == FiberState::kAtBarrier) {
@@ -268,17 +307,24 @@ void syncthreads() {
             }
         }
         b->at_barrier = 0;
+        for (uint64_t& p : b->warp_priority) {
+            p = (*b->rng)();
+        }
     }
     yield_to_scheduler();
 }
 
-void syncwarp(unsigned mask) { exchange(mask, 0, kAll, 0, false); }
+void syncwarp(unsigned mask) {
+    exchange(mask, 0, kAll, 0, false);
+}
 
 uint32_t warp_exchange(unsigned mask, uint32_t value, int op, int arg) {
     return static_cast<uint32_t>(exchange(mask, value, op, arg, false));
 }
 
-uint64_t warp_exchange64(unsigned mask, uint64_t value, int op, int arg) { return exchange(mask, value, op, arg, true); }
+uint64_t warp_exchange64(unsigned mask, uint64_t value, int op, int arg) {
+    return exchange(mask, value, op, arg, true);
+}
 
 void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::function<void()>& fn) {
     if (t_block != nullptr) {
@@ -286,8 +332,10 @@ void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::funct
     }
     const size_t threads = static_cast<size_t>(block.x) * block.y * block.z;
     if (threads == 0 || threads > 1024 || grid.x == 0 || grid.y == 0 || grid.z == 0) {
-        fail("invalid launch configuration: block of " + std::to_string(threads) + " threads, grid " +
-             std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" + std::to_string(grid.z));
+        fail(
+            "invalid launch configuration: block of " + std::to_string(threads) + " threads, grid " +
+            std::to_string(grid.x) + "x" + std::to_string(grid.y) + "x" + std::to_string(grid.z)
+        );
     }
     const size_t nblocks = static_cast<size_t>(grid.x) * grid.y * grid.z;
     std::vector<size_t> order(nblocks);
@@ -300,8 +348,10 @@ void launch(dim3 grid, dim3 block, size_t dynamic_shared_bytes, const std::funct
     t_block = &b;
     try {
         for (size_t id : order) {
-            const dim3 block_idx(static_cast<unsigned>(id % grid.x), static_cast<unsigned>((id / grid.x) % grid.y),
-                                 static_cast<unsigned>(id / (static_cast<size_t>(grid.x) * grid.y)));
+            const dim3 block_idx(
+                static_cast<unsigned>(id % grid.x), static_cast<unsigned>((id / grid.x) % grid.y),
+                static_cast<unsigned>(id / (static_cast<size_t>(grid.x) * grid.y))
+            );
             // Poison the dynamic shared memory: a kernel must not read what it did not write in this block.
             std::fill(t_dynamic_shared.begin(), t_dynamic_shared.end(), static_cast<unsigned char>(0xA5));
             run_block(b, block_idx, block, grid, rng);
@@ -340,8 +390,8 @@ __half __float2half_rn(float f) {
     if (a >= 65520.0f) { // rounds to infinity
         return {static_cast<uint16_t>(sign | 0x7c00u)};
     }
-    if (a < 6.103515625e-05f) { // subnormal half: a multiple of 2^-24, rounded to nearest even
-        const float scaled = a * 16777216.0f; // exact: a * 2^24
+    if (a < 6.103515625e-05f) {                 // subnormal half: a multiple of 2^-24, rounded to nearest even
+        const float scaled = a * 16777216.0f;   // exact: a * 2^24
         const float r = std::nearbyint(scaled); // default rounding mode: nearest even
         return {static_cast<uint16_t>(sign | static_cast<uint16_t>(r))};
     }

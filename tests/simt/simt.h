@@ -67,11 +67,21 @@ struct uint2 {
 struct uint4 {
     unsigned x, y, z, w;
 };
-inline float2 make_float2(float x, float y) { return {x, y}; }
-inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
-inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
-inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
-inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline float2 make_float2(float x, float y) {
+    return {x, y};
+}
+inline float4 make_float4(float x, float y, float z, float w) {
+    return {x, y, z, w};
+}
+inline int4 make_int4(int x, int y, int z, int w) {
+    return {x, y, z, w};
+}
+inline uint2 make_uint2(unsigned x, unsigned y) {
+    return {x, y};
+}
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
+    return {x, y, z, w};
+}
 
 namespace qlora::simt {
 
@@ -99,6 +109,15 @@ inline void launch(unsigned grid, unsigned block, size_t smem, const std::functi
 // Seed of the scheduler's random choices (default 1); tests run kernels under several seeds.
 void set_seed(uint64_t seed);
 
+// How the scheduler picks the next thread among the runnable ones (see Note [SIMT harness scheduling]):
+//   kUniform        any runnable thread, uniformly at random;
+//   kWarpPriority   each warp gets a random priority, redrawn whenever the block passes a barrier; a runnable thread
+//                   of the highest-priority warp runs first. One warp then races ahead through its shuffles and
+//                   grid-stride iterations while the others lag, which exposes a missing barrier between loop
+//                   iterations that uniform interleaving almost never shows.
+enum class Schedule { kUniform, kWarpPriority };
+void set_schedule(Schedule schedule);
+
 // The running block's dynamic shared memory (dynamic_shared_bytes of the launch, 16-byte aligned).
 void* dynamic_shared();
 
@@ -110,22 +129,19 @@ uint64_t warp_exchange64(unsigned mask, uint64_t value, int op, int arg);
 
 enum WarpOp : int { kShflIdx = 0, kShflXor = 1, kShflUp = 2, kShflDown = 3, kBallot = 4, kAny = 5, kAll = 6 };
 
-template <typename T>
-uint32_t to_bits32(T v) {
+template <typename T> uint32_t to_bits32(T v) {
     static_assert(sizeof(T) <= 4, "32-bit shuffle");
     uint32_t u = 0;
     std::memcpy(&u, &v, sizeof(T));
     return u;
 }
-template <typename T>
-T from_bits32(uint32_t u) {
+template <typename T> T from_bits32(uint32_t u) {
     T v;
     std::memcpy(&v, &u, sizeof(T));
     return v;
 }
 
-template <typename T>
-T shfl(unsigned mask, T v, int op, int arg) {
+template <typename T> T shfl(unsigned mask, T v, int op, int arg) {
     if constexpr (sizeof(T) == 8) {
         uint64_t u;
         std::memcpy(&u, &v, 8);
@@ -145,24 +161,24 @@ T shfl(unsigned mask, T v, int op, int arg) {
 #define gridDim (::qlora::simt::coords().grid_dim)
 inline constexpr int warpSize = 32;
 
-inline void __syncthreads() { ::qlora::simt::syncthreads(); }
-inline void __syncwarp(unsigned mask = 0xffffffffu) { ::qlora::simt::syncwarp(mask); }
+inline void __syncthreads() {
+    ::qlora::simt::syncthreads();
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu) {
+    ::qlora::simt::syncwarp(mask);
+}
 
 // Warp shuffles: width is the segment size (a power of two <= 32), as in CUDA.
-template <typename T>
-T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+template <typename T> T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
     return ::qlora::simt::shfl(mask, v, ::qlora::simt::kShflIdx, (width << 8) | (src_lane & 0xff));
 }
-template <typename T>
-T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+template <typename T> T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
     return ::qlora::simt::shfl(mask, v, ::qlora::simt::kShflXor, (width << 8) | (lane_mask & 0xff));
 }
-template <typename T>
-T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+template <typename T> T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
     return ::qlora::simt::shfl(mask, v, ::qlora::simt::kShflUp, (width << 8) | static_cast<int>(delta & 0xff));
 }
-template <typename T>
-T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+template <typename T> T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
     return ::qlora::simt::shfl(mask, v, ::qlora::simt::kShflDown, (width << 8) | static_cast<int>(delta & 0xff));
 }
 inline unsigned __ballot_sync(unsigned mask, int pred) {
@@ -174,35 +190,32 @@ inline int __any_sync(unsigned mask, int pred) {
 inline int __all_sync(unsigned mask, int pred) {
     return static_cast<int>(::qlora::simt::warp_exchange(mask, pred != 0, ::qlora::simt::kAll, 0));
 }
-inline unsigned __activemask() { return 0xffffffffu; }
+inline unsigned __activemask() {
+    return 0xffffffffu;
+}
 
 // Atomics. Threads switch only at barriers and warp intrinsics, so a plain read-modify-write is atomic here.
-template <typename T>
-T atomicAdd(T* p, T v) {
+template <typename T> T atomicAdd(T* p, T v) {
     T old = *p;
     *p = old + v;
     return old;
 }
-template <typename T>
-T atomicMax(T* p, T v) {
+template <typename T> T atomicMax(T* p, T v) {
     T old = *p;
     *p = old < v ? v : old;
     return old;
 }
-template <typename T>
-T atomicMin(T* p, T v) {
+template <typename T> T atomicMin(T* p, T v) {
     T old = *p;
     *p = v < old ? v : old;
     return old;
 }
-template <typename T>
-T atomicExch(T* p, T v) {
+template <typename T> T atomicExch(T* p, T v) {
     T old = *p;
     *p = v;
     return old;
 }
-template <typename T>
-T atomicCAS(T* p, T compare, T v) {
+template <typename T> T atomicCAS(T* p, T compare, T v) {
     T old = *p;
     if (old == compare) {
         *p = v;
@@ -216,21 +229,51 @@ T atomicCAS(T* p, T compare, T v) {
 // approximate (__fdividef, __frcp... within 2 ulp; rsqrtf within 2 ulp), so results that use them are compared
 // within a stated bound, never bit for bit.
 
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fsub_rn(float a, float b) { return a - b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __frcp_rn(float a) { return 1.0f / a; }
-inline float __fsqrt_rn(float a) { return std::sqrt(a); }
-inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float __powf(float a, float b) { return std::pow(a, b); }
-inline float __expf(float a) { return std::exp(a); }
-inline float rsqrtf(float a) { return 1.0f / std::sqrt(a); }
-inline float __uint_as_float(unsigned u) { return ::qlora::simt::from_bits32<float>(u); }
-inline unsigned __float_as_uint(float f) { return ::qlora::simt::to_bits32(f); }
-inline int __float_as_int(float f) { return static_cast<int>(::qlora::simt::to_bits32(f)); }
-inline float __int_as_float(int i) { return ::qlora::simt::from_bits32<float>(static_cast<uint32_t>(i)); }
+inline float __fmul_rn(float a, float b) {
+    return a * b;
+}
+inline float __fadd_rn(float a, float b) {
+    return a + b;
+}
+inline float __fsub_rn(float a, float b) {
+    return a - b;
+}
+inline float __fdiv_rn(float a, float b) {
+    return a / b;
+}
+inline float __frcp_rn(float a) {
+    return 1.0f / a;
+}
+inline float __fsqrt_rn(float a) {
+    return std::sqrt(a);
+}
+inline float __fmaf_rn(float a, float b, float c) {
+    return std::fma(a, b, c);
+}
+inline float __fdividef(float a, float b) {
+    return a / b;
+}
+inline float __powf(float a, float b) {
+    return std::pow(a, b);
+}
+inline float __expf(float a) {
+    return std::exp(a);
+}
+inline float rsqrtf(float a) {
+    return 1.0f / std::sqrt(a);
+}
+inline float __uint_as_float(unsigned u) {
+    return ::qlora::simt::from_bits32<float>(u);
+}
+inline unsigned __float_as_uint(float f) {
+    return ::qlora::simt::to_bits32(f);
+}
+inline int __float_as_int(float f) {
+    return static_cast<int>(::qlora::simt::to_bits32(f));
+}
+inline float __int_as_float(int i) {
+    return ::qlora::simt::from_bits32<float>(static_cast<uint32_t>(i));
+}
 
 // ------------------------------------------------------------------------------------------------------------------
 // __nv_bfloat16 and __half: storage types with CUDA's conversions (round to nearest even; NaN stays NaN).
@@ -242,7 +285,9 @@ struct __half {
     uint16_t bits;
 };
 
-inline float __bfloat162float(__nv_bfloat16 h) { return __uint_as_float(static_cast<uint32_t>(h.bits) << 16); }
+inline float __bfloat162float(__nv_bfloat16 h) {
+    return __uint_as_float(static_cast<uint32_t>(h.bits) << 16);
+}
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
     const uint32_t u = __float_as_uint(f);
     if (std::isnan(f)) {
