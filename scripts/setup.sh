@@ -5,7 +5,8 @@
 #   1. Debian packages (compilers, CMake, ninja, ccache, GoogleTest and the libraries of the trainer).
 #   2. .venv/ with torch==2.14.1 (installed from local disk) and the test-only packages of requirements-test.txt.
 #   3. The CMake build in build/ (operator library, C++ tests and examples; binaries in build/bin/).
-#   4. The Python extension qlora/_C built by setup.py (torch.utils.cpp_extension) into python/qlora/.
+#   4. The Python extension qlora/_C built by setup.py (torch.utils.cpp_extension) into python/qlora/, and python/ on
+#      the venv's path (equivalent to `pip install --no-build-isolation -e .`, which also works).
 #
 # Environment: QLORA_BUILD_CUDA=0 skips the CUDA kernels; TORCH_CUDA_ARCH_LIST (default "8.0;9.0");
 # QLORA_WERROR=ON turns warnings into errors (CI); JOBS (default: number of cores).
@@ -51,27 +52,20 @@ cuda_flag=()
 [ "${QLORA_BUILD_CUDA:-}" = "0" ] && cuda_flag=(-DQLORA_BUILD_CUDA=OFF)
 torch_prefix=$(.venv/bin/python -c 'import torch; print(torch.utils.cmake_prefix_path)')
 mkdir -p build
-if [ ! -f build/build.ninja ]; then
-  log "configuring CMake in build/"
-  cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$torch_prefix" \
+log "configuring CMake in build/"
+cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$torch_prefix" \
     -DQLORA_BUILD_EXAMPLES=ON -DQLORA_WERROR="${QLORA_WERROR:-OFF}" "${cuda_flag[@]}" >build/configure.log 2>&1 ||
-    { cat build/configure.log; exit 1; }
-fi
+  { cat build/configure.log; exit 1; }
 log "building (CMake, $jobs jobs)"
-cmake --build build -j "$jobs" | grep -vE '^\[[0-9]+/[0-9]+\] ' || true
-test "${PIPESTATUS[0]}" -eq 0
+cmake --build build -j "$jobs" >build/build.log 2>&1 || { grep -E -A20 'FAILED|error' build/build.log | head -80; exit 1; }
 
 # 4. Python extension (setup.py) ----------------------------------------------------------------------------------
 export PATH=/usr/lib/ccache:$PATH
 export PYTORCH_NVCC="ccache $CUDA_HOME/bin/nvcc"
 export MAX_JOBS=$jobs
-if [ ! -f .venv/.qlora-installed ]; then
-  log "installing the qlora package (setup.py, editable)"
-  .venv/bin/pip install -q --no-build-isolation --no-deps -e . >build/pip-install.log 2>&1 ||
-    { cat build/pip-install.log; exit 1; }
-  touch .venv/.qlora-installed
-else
-  log "building the Python extension (setup.py build_ext --inplace)"
-  .venv/bin/python setup.py -q build_ext --inplace >build/setuptools.log 2>&1 || { cat build/setuptools.log; exit 1; }
-fi
+log "building the Python extension (setup.py build_ext --inplace)"
+.venv/bin/python setup.py -q build_ext --inplace >build/setuptools.log 2>&1 || { cat build/setuptools.log; exit 1; }
+# Put python/ on the venv's path (what an editable install does, without rebuilding in a temporary directory).
+site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$root/python" > "$site/qlora-dev.pth"
 .venv/bin/python -c 'import qlora, torch; print("[setup] qlora ready:", qlora.LIBRARY_PATH, "| CPU ISA:", torch.ops.qlora.cpu_isa())'
