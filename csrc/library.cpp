@@ -57,6 +57,21 @@ TORCH_LIBRARY(qlora, m) {
     m.def("nf4_dequantize_into(Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
           "Tensor? offset, SymInt[] shape, ScalarType dtype, int blocksize, Tensor(a!) out) -> ()");
 
+    // Frozen NF4 linear: y[*, N] = x[*, K] W^T + bias with W the NF4 weight [N, K] (N = out_features). x float32,
+    // bfloat16, float16 or float64; accumulation float32 (float64 for float64). No autograd of its own: qlora::linear
+    // is the differentiable op.
+    m.def("nf4_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+          "Tensor? offset, int out_features, int blocksize, Tensor? bias) -> Tensor");
+    // Its input gradient: grad_x[*, K] = grad_out[*, N] W (K = in_features).
+    m.def("nf4_linear_grad_input(Tensor grad_out, Tensor packed, Tensor absmax, Tensor? nested_absmax, "
+          "Tensor? nested_code, Tensor? offset, int in_features, int blocksize) -> Tensor");
+    // The QLoRA layer: y = x W^T + bias + lora_scale * (lora_input A^T) B^T, W frozen NF4 [N, K], A = lora_a [r, K],
+    // B = lora_b [N, r]; lora_input defaults to x (pass dropout(x) for LoRA dropout). Gradients flow to x, lora_input,
+    // bias, lora_a and lora_b; never to the NF4 weight. Only the packed weight is kept for backward.
+    m.def("linear(Tensor x, Tensor packed, Tensor absmax, Tensor? nested_absmax, Tensor? nested_code, "
+          "Tensor? offset, int out_features, int blocksize=64, Tensor? bias=None, Tensor? lora_a=None, "
+          "Tensor? lora_b=None, float lora_scale=1.0, Tensor? lora_input=None) -> Tensor");
+
     // Utilities (one kernel for every backend; excluded from opcheck, see tests/python/test_nf4.py).
     // The 16 NF4 code values (bitsandbytes' `quant_map`), float32 [16] on CPU.
     m.def("nf4_code() -> Tensor", &nf4_code);
@@ -75,6 +90,8 @@ TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
     m.impl("nf4_quantize", torch::autograd::autogradNotImplementedFallback());
     m.impl("nf4_dequantize", torch::autograd::autogradNotImplementedFallback());
     m.impl("nf4_dequantize_into", torch::autograd::autogradNotImplementedFallback());
+    m.impl("nf4_linear", torch::autograd::autogradNotImplementedFallback());
+    m.impl("nf4_linear_grad_input", torch::autograd::autogradNotImplementedFallback());
 }
 
 } // namespace qlora

@@ -58,11 +58,41 @@ void nf4_dequantize_into_meta(
     nf4_check_dequantize_out(out, shape, dtype, packed);
 }
 
+at::Tensor nf4_linear_meta(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+    const std::optional<at::Tensor>& offset, int64_t out_features, int64_t blocksize,
+    const std::optional<at::Tensor>& bias
+) {
+    nf4_check_linear_args(
+        "qlora::nf4_linear", x, packed, absmax, nested_absmax, nested_code, offset, out_features, blocksize, bias
+    );
+    std::vector<c10::SymInt> shape = x.sym_sizes().vec();
+    shape.back() = out_features;
+    return at::empty_symint(shape, x.options());
+}
+
+at::Tensor nf4_linear_grad_input_meta(
+    const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+    const std::optional<at::Tensor>& offset, int64_t in_features, int64_t blocksize
+) {
+    nf4_check_dequantize_args(
+        packed, absmax, nested_absmax, nested_code, offset, grad_out.sym_size(-1) * in_features, at::kFloat, blocksize,
+        "qlora::nf4_linear_grad_input"
+    );
+    std::vector<c10::SymInt> shape = grad_out.sym_sizes().vec();
+    shape.back() = in_features;
+    return at::empty_symint(shape, grad_out.options());
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(qlora, Meta, m) {
     m.impl("nf4_quantize", &nf4_quantize_meta);
     m.impl("nf4_dequantize", &nf4_dequantize_meta);
+    m.impl("nf4_linear", &nf4_linear_meta);
+    m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_meta);
     m.impl("nf4_dequantize_into", &nf4_dequantize_into_meta);
 }
 

@@ -82,9 +82,8 @@ inline int64_t nf4_shape_numel(at::IntArrayRef sizes) {
 inline void nf4_check_dequantize_args(
     const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
     const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset, const c10::SymInt& numel,
-    at::ScalarType dtype, int64_t blocksize
+    at::ScalarType dtype, int64_t blocksize, const char* op = "qlora::nf4_dequantize"
 ) {
-    const char* op = "qlora::nf4_dequantize";
     TORCH_CHECK(nf4_dtype_is_supported(dtype), op, ": dtype must be float32, bfloat16 or float16, got ", dtype);
     TORCH_CHECK(
         core::nf4_blocksize_is_valid(blocksize), op, ": blocksize must be a power of two in [", core::kNf4MinBlockSize,
@@ -153,6 +152,47 @@ inline void nf4_check_dequantize_out(
     TORCH_CHECK(
         out.device() == packed.device(), op, ": out is on ", out.device(), " but packed is on ", packed.device()
     );
+}
+
+// Activations of qlora::nf4_linear / linear: float32, bfloat16, float16 or float64 (float64 for gradcheck).
+inline bool linear_dtype_is_supported(at::ScalarType t) {
+    return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble;
+}
+
+// x [*, K] against an NF4 weight [N, K] (N = out_features); bias [N] if given. Returns K.
+inline c10::SymInt nf4_check_linear_args(
+    const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+    const std::optional<at::Tensor>& offset, int64_t out_features, int64_t blocksize,
+    const std::optional<at::Tensor>& bias
+) {
+    TORCH_CHECK(x.dim() >= 1, op, ": input must have at least one dimension, got a scalar");
+    TORCH_CHECK(
+        linear_dtype_is_supported(x.scalar_type()), op, ": input must be float32, bfloat16, float16 or float64, got ",
+        x.scalar_type()
+    );
+    TORCH_CHECK(out_features > 0, op, ": out_features must be positive, got ", out_features);
+    const c10::SymInt in_features = x.sym_size(-1);
+    TORCH_CHECK(in_features > 0, op, ": input has 0 features (last dimension)");
+    TORCH_CHECK(
+        packed.sym_numel() == (in_features * out_features + 1) / 2, op, ": input has ", in_features,
+        " features, but the NF4 weight's ", packed.sym_numel(), " bytes do not hold [out_features=", out_features, ", ",
+        in_features, "] codes (expected ", (in_features * out_features + 1) / 2, " bytes)"
+    );
+    nf4_check_dequantize_args(
+        packed, absmax, nested_absmax, nested_code, offset, in_features * out_features, at::kFloat, blocksize, op
+    );
+    TORCH_CHECK(
+        x.device() == packed.device(), op, ": input is on ", x.device(), " but the weight is on ", packed.device()
+    );
+    if (bias.has_value()) {
+        TORCH_CHECK(
+            bias->dim() == 1 && bias->sym_size(0) == out_features, op, ": bias must have shape [", out_features,
+            "], got ", bias->sym_sizes()
+        );
+        TORCH_CHECK(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but input is on ", x.device());
+    }
+    return in_features;
 }
 
 } // namespace qlora

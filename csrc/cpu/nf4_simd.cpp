@@ -53,19 +53,13 @@ nf4_quantize_blocks_scalar(const T* x, int64_t n, int64_t bs, int64_t b0, int64_
     }
 }
 
+// Dequantize elements [s, e) of one block whose absmax is `a` into dst[0, e - s).
 template <typename T>
-static void nf4_dequantize_blocks_scalar(
-    const uint8_t* packed, const Nf4BlockAbsmax& am, int64_t n, int64_t bs, int64_t b0, int64_t b1, T* out
-) {
-    for (int64_t b = b0; b < b1; ++b) {
-        const int64_t s = b * bs;
-        const int64_t e = std::min(s + bs, n);
-        const float a = am.at(b);
-        for (int64_t i = s; i < e; ++i) {
-            const uint8_t byte = packed[i / 2];
-            const int code = (i % 2 == 0) ? core::nf4_unpack_even(byte) : core::nf4_unpack_odd(byte);
-            out[i] = static_cast<T>(core::nf4_decode(code, a));
-        }
+static void nf4_dequantize_span_scalar(const uint8_t* packed, float a, int64_t s, int64_t e, T* dst) {
+    for (int64_t i = s; i < e; ++i) {
+        const uint8_t byte = packed[i / 2];
+        const int code = (i % 2 == 0) ? core::nf4_unpack_even(byte) : core::nf4_unpack_odd(byte);
+        dst[i - s] = static_cast<T>(core::nf4_decode(code, a));
     }
 }
 
@@ -175,35 +169,28 @@ nf4_quantize_blocks_avx512(const T* x, int64_t n, int64_t bs, int64_t b0, int64_
 }
 
 template <typename T>
-QLORA_AVX512 static void nf4_dequantize_blocks_avx512(
-    const uint8_t* packed, const Nf4BlockAbsmax& am, int64_t n, int64_t bs, int64_t b0, int64_t b1, T* out
-) {
+QLORA_AVX512 static void nf4_dequantize_span_avx512(const uint8_t* packed, float a, int64_t s, int64_t e, T* dst) {
     const __m512 lut = _mm512_loadu_ps(core::kNf4Code_host);
     // Interleave the high-nibble codes (even elements) with the low-nibble codes (odd elements).
     const __m512i perm_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
     const __m512i perm_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
     const __m512i low4 = _mm512_set1_epi32(0x0f);
-    for (int64_t b = b0; b < b1; ++b) {
-        const int64_t s = b * bs;
-        const int64_t e = std::min(s + bs, n);
-        const int64_t ev = s + ((e - s) / 32) * 32;
-        const float a = am.at(b);
-        const __m512 av = _mm512_set1_ps(a);
-        for (int64_t i = s; i < ev; i += 32) {
-            const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2)));
-            const __m512i hi = _mm512_srli_epi32(w, 4);
-            const __m512i lo = _mm512_and_si512(w, low4);
-            const __m512i c0 = _mm512_permutex2var_epi32(hi, perm_lo, lo);
-            const __m512i c1 = _mm512_permutex2var_epi32(hi, perm_hi, lo);
-            store16(out + i, _mm512_mul_ps(_mm512_permutexvar_ps(c0, lut), av));
-            store16(out + i + 16, _mm512_mul_ps(_mm512_permutexvar_ps(c1, lut), av));
-        }
-        for (int64_t i = ev; i < e; ++i) {
-            const uint8_t byte = packed[i / 2];
-            const int code = (i % 2 == 0) ? core::nf4_unpack_even(byte) : core::nf4_unpack_odd(byte);
-            out[i] = static_cast<T>(core::nf4_decode(code, a));
-        }
+    const __m512 av = _mm512_set1_ps(a);
+    int64_t i = s;
+    if (i % 2 != 0 && i < e) { // start on a byte boundary
+        nf4_dequantize_span_scalar(packed, a, i, i + 1, dst);
+        ++i;
     }
+    for (; i + 32 <= e; i += 32) {
+        const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + i / 2)));
+        const __m512i hi = _mm512_srli_epi32(w, 4);
+        const __m512i lo = _mm512_and_si512(w, low4);
+        const __m512i c0 = _mm512_permutex2var_epi32(hi, perm_lo, lo);
+        const __m512i c1 = _mm512_permutex2var_epi32(hi, perm_hi, lo);
+        store16(dst + (i - s), _mm512_mul_ps(_mm512_permutexvar_ps(c0, lut), av));
+        store16(dst + (i - s) + 16, _mm512_mul_ps(_mm512_permutexvar_ps(c1, lut), av));
+    }
+    nf4_dequantize_span_scalar(packed, a, i, e, dst + (i - s));
 }
 
 // --------------------------------------------------------------------------------------------------------------
@@ -330,35 +317,28 @@ nf4_quantize_blocks_avx2(const T* x, int64_t n, int64_t bs, int64_t b0, int64_t 
 }
 
 template <typename T>
-QLORA_AVX2 static void nf4_dequantize_blocks_avx2(
-    const uint8_t* packed, const Nf4BlockAbsmax& am, int64_t n, int64_t bs, int64_t b0, int64_t b1, T* out
-) {
+QLORA_AVX2 static void nf4_dequantize_span_avx2(const uint8_t* packed, float a, int64_t s, int64_t e, T* dst) {
     const __m256 lut_lo = _mm256_loadu_ps(core::kNf4Code_host);
     const __m256 lut_hi = _mm256_loadu_ps(core::kNf4Code_host + 8);
     const __m256i low4 = _mm256_set1_epi32(0x0f);
-    for (int64_t b = b0; b < b1; ++b) {
-        const int64_t s = b * bs;
-        const int64_t e = std::min(s + bs, n);
-        const int64_t ev = s + ((e - s) / 16) * 16;
-        const float a = am.at(b);
-        const __m256 av = _mm256_set1_ps(a);
-        for (int64_t i = s; i < ev; i += 16) {
-            const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2)));
-            const __m256i hi = _mm256_srli_epi32(w, 4);
-            const __m256i lo = _mm256_and_si256(w, low4);
-            const __m256i u0 = _mm256_unpacklo_epi32(hi, lo); // h0 l0 h1 l1 | h4 l4 h5 l5
-            const __m256i u1 = _mm256_unpackhi_epi32(hi, lo); // h2 l2 h3 l3 | h6 l6 h7 l7
-            const __m256i c0 = _mm256_permute2x128_si256(u0, u1, 0x20);
-            const __m256i c1 = _mm256_permute2x128_si256(u0, u1, 0x31);
-            store8(out + i, _mm256_mul_ps(lookup16(c0, lut_lo, lut_hi), av));
-            store8(out + i + 8, _mm256_mul_ps(lookup16(c1, lut_lo, lut_hi), av));
-        }
-        for (int64_t i = ev; i < e; ++i) {
-            const uint8_t byte = packed[i / 2];
-            const int code = (i % 2 == 0) ? core::nf4_unpack_even(byte) : core::nf4_unpack_odd(byte);
-            out[i] = static_cast<T>(core::nf4_decode(code, a));
-        }
+    const __m256 av = _mm256_set1_ps(a);
+    int64_t i = s;
+    if (i % 2 != 0 && i < e) {
+        nf4_dequantize_span_scalar(packed, a, i, i + 1, dst);
+        ++i;
     }
+    for (; i + 16 <= e; i += 16) {
+        const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + i / 2)));
+        const __m256i hi = _mm256_srli_epi32(w, 4);
+        const __m256i lo = _mm256_and_si256(w, low4);
+        const __m256i u0 = _mm256_unpacklo_epi32(hi, lo); // h0 l0 h1 l1 | h4 l4 h5 l5
+        const __m256i u1 = _mm256_unpackhi_epi32(hi, lo); // h2 l2 h3 l3 | h6 l6 h7 l7
+        const __m256i c0 = _mm256_permute2x128_si256(u0, u1, 0x20);
+        const __m256i c1 = _mm256_permute2x128_si256(u0, u1, 0x31);
+        store8(dst + (i - s), _mm256_mul_ps(lookup16(c0, lut_lo, lut_hi), av));
+        store8(dst + (i - s) + 8, _mm256_mul_ps(lookup16(c1, lut_lo, lut_hi), av));
+    }
+    nf4_dequantize_span_scalar(packed, a, i, e, dst + (i - s));
 }
 
 #else // not x86: the SIMD entry points fall back to the scalar reference (cpu_isa() never selects them).
@@ -374,16 +354,12 @@ nf4_quantize_blocks_avx2(const T* x, int64_t n, int64_t bs, int64_t b0, int64_t 
     nf4_quantize_blocks_scalar(x, n, bs, b0, b1, packed, absmax);
 }
 template <typename T>
-static void nf4_dequantize_blocks_avx512(
-    const uint8_t* packed, const Nf4BlockAbsmax& am, int64_t n, int64_t bs, int64_t b0, int64_t b1, T* out
-) {
-    nf4_dequantize_blocks_scalar(packed, am, n, bs, b0, b1, out);
+static void nf4_dequantize_span_avx512(const uint8_t* packed, float a, int64_t s, int64_t e, T* dst) {
+    nf4_dequantize_span_scalar(packed, a, s, e, dst);
 }
 template <typename T>
-static void nf4_dequantize_blocks_avx2(
-    const uint8_t* packed, const Nf4BlockAbsmax& am, int64_t n, int64_t bs, int64_t b0, int64_t b1, T* out
-) {
-    nf4_dequantize_blocks_scalar(packed, am, n, bs, b0, b1, out);
+static void nf4_dequantize_span_avx2(const uint8_t* packed, float a, int64_t s, int64_t e, T* dst) {
+    nf4_dequantize_span_scalar(packed, a, s, e, dst);
 }
 
 #endif
@@ -409,26 +385,48 @@ void nf4_quantize_blocks(
 }
 
 template <typename T>
-void nf4_dequantize_blocks(
-    CpuIsa isa, const uint8_t* packed, const Nf4BlockAbsmax& am, int64_t n, int64_t bs, int64_t b0, int64_t b1, T* out
-) {
+static void nf4_dequantize_span(CpuIsa isa, const uint8_t* packed, float a, int64_t s, int64_t e, T* dst) {
     switch (isa) {
     case CpuIsa::kAvx512:
-        nf4_dequantize_blocks_avx512(packed, am, n, bs, b0, b1, out);
+        nf4_dequantize_span_avx512(packed, a, s, e, dst);
         return;
     case CpuIsa::kAvx2:
-        nf4_dequantize_blocks_avx2(packed, am, n, bs, b0, b1, out);
+        nf4_dequantize_span_avx2(packed, a, s, e, dst);
         return;
     case CpuIsa::kScalar:
         break;
     }
-    nf4_dequantize_blocks_scalar(packed, am, n, bs, b0, b1, out);
+    nf4_dequantize_span_scalar(packed, a, s, e, dst);
+}
+
+template <typename T>
+void nf4_dequantize_blocks(
+    CpuIsa isa, const uint8_t* packed, const Nf4BlockAbsmax& am, int64_t n, int64_t bs, int64_t b0, int64_t b1, T* out
+) {
+    for (int64_t b = b0; b < b1; ++b) {
+        const int64_t s = b * bs;
+        nf4_dequantize_span(isa, packed, am.at(b), s, std::min(s + bs, n), out + s);
+    }
+}
+
+template <typename T>
+void nf4_dequantize_range(
+    CpuIsa isa, const uint8_t* packed, const Nf4BlockAbsmax& am, int64_t bs, int64_t start, int64_t count, T* out
+) {
+    const int64_t end = start + count;
+    for (int64_t i = start; i < end;) {
+        const int64_t b = i / bs;
+        const int64_t e = std::min((b + 1) * bs, end);
+        nf4_dequantize_span(isa, packed, am.at(b), i, e, out + (i - start));
+        i = e;
+    }
 }
 
 #define QLORA_INSTANTIATE_NF4_BLOCKS(T)                                                                                \
     template void nf4_quantize_blocks<T>(CpuIsa, const T*, int64_t, int64_t, int64_t, int64_t, uint8_t*, float*);      \
     template void                                                                                                      \
-    nf4_dequantize_blocks<T>(CpuIsa, const uint8_t*, const Nf4BlockAbsmax&, int64_t, int64_t, int64_t, int64_t, T*)
+    nf4_dequantize_blocks<T>(CpuIsa, const uint8_t*, const Nf4BlockAbsmax&, int64_t, int64_t, int64_t, int64_t, T*);   \
+    template void nf4_dequantize_range<T>(CpuIsa, const uint8_t*, const Nf4BlockAbsmax&, int64_t, int64_t, int64_t, T*)
 
 QLORA_INSTANTIATE_NF4_BLOCKS(float);
 QLORA_INSTANTIATE_NF4_BLOCKS(c10::BFloat16);

@@ -46,6 +46,12 @@ void nf4_quantize_blocks(
     CpuIsa isa, const T* x, int64_t n, int64_t bs, int64_t b0, int64_t b1, uint8_t* packed, float* absmax
 );
 
+// Dequantize flat elements [start, start + count) (any alignment) into out[0, count) with the kernel for `isa`.
+template <typename T>
+void nf4_dequantize_range(
+    CpuIsa isa, const uint8_t* packed, const Nf4BlockAbsmax& am, int64_t bs, int64_t start, int64_t count, T* out
+);
+
 // Dequantize blocks [b0, b1) into out (numel n) with the kernel for `isa`.
 template <typename T>
 void nf4_dequantize_blocks(

@@ -14,38 +14,10 @@
 
 #include "../core/dynamic8.h"
 #include "../core/nf4.h"
+#include "convert.cuh"
 #include "launch.cuh"
 
-#if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#endif
-
 namespace qlora::cuda {
-
-// --------------------------------------------------------------------------------------------------------------
-// Element conversions (round to nearest even on store)
-
-__device__ QLORA_INLINE float to_float(float v) {
-    return v;
-}
-__device__ QLORA_INLINE float to_float(__nv_bfloat16 v) {
-    return __bfloat162float(v);
-}
-__device__ QLORA_INLINE float to_float(__half v) {
-    return __half2float(v);
-}
-
-template <typename T> __device__ QLORA_INLINE T from_float(float v);
-template <> __device__ QLORA_INLINE float from_float<float>(float v) {
-    return v;
-}
-template <> __device__ QLORA_INLINE __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-    return __float2bfloat16_rn(v);
-}
-template <> __device__ QLORA_INLINE __half from_float<__half>(float v) {
-    return __float2half_rn(v);
-}
 
 // --------------------------------------------------------------------------------------------------------------
 // NF4 quantize

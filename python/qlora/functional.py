@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["NF4Tensor", "quantize_nf4", "dequantize_nf4"]
+__all__ = ["NF4Tensor", "quantize_nf4", "dequantize_nf4", "linear"]
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
@@ -192,4 +192,35 @@ def dequantize_nf4(
         list(state.shape),
         dtype or state.dtype,
         state.blocksize,
+    )
+
+
+def linear(
+    x: torch.Tensor,
+    weight: NF4Tensor,
+    bias: Optional[torch.Tensor] = None,
+    lora_a: Optional[torch.Tensor] = None,
+    lora_b: Optional[torch.Tensor] = None,
+    lora_scale: float = 1.0,
+    lora_input: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``x @ W^T + bias + lora_scale * (lora_input @ lora_a^T) @ lora_b^T`` with ``W`` the frozen NF4 ``weight``
+    ([out_features, in_features]); ``lora_input`` defaults to ``x`` (pass ``dropout(x)`` for LoRA dropout).
+    Differentiable in x, lora_input, bias, lora_a and lora_b (torch.ops.qlora.linear)."""
+    if weight.shape[-1] != x.shape[-1]:
+        raise ValueError(f"qlora.linear: input has {x.shape[-1]} features, weight expects {weight.shape[-1]}")
+    return torch.ops.qlora.linear(
+        x,
+        weight.packed,
+        weight.absmax,
+        weight.nested_absmax,
+        weight.nested_code,
+        weight.offset,
+        weight.shape[0],
+        weight.blocksize,
+        bias,
+        lora_a,
+        lora_b,
+        lora_scale,
+        lora_input,
     )

@@ -3,6 +3,7 @@
 // float32 arithmetic (csrc/core; no fast-math intrinsics), so every result must be equal bit for bit.
 //
 // Every __global__ kernel in csrc/cuda must be exercised here; EveryKernelHasAHarnessTest enforces it by name.
+#include <array>
 #include <filesystem>
 #include <fstream>
 #include <regex>
@@ -19,6 +20,7 @@
 #include "simt/simt.h"
 
 #include "cuda/nf4_kernels.cuh"
+#include "cuda/nf4_linear_kernels.cuh"
 
 namespace {
 
@@ -190,6 +192,78 @@ TEST(SimtKernelsTest, Nf4DequantizeKernelMatchesCpuBfloat16) {
 TEST(SimtKernelsTest, Nf4DequantizeKernelMatchesCpuHalf) {
     check_dequantize_kernel<__half>(false);
     check_dequantize_kernel<__half>(true);
+}
+
+cuda::Nf4WeightView weight_view(const qlora::Nf4Tensor& q) {
+    cuda::Nf4WeightView v{};
+    v.packed = q.packed.const_data_ptr<uint8_t>();
+    v.blocksize = q.blocksize;
+    if (q.double_quantized()) {
+        v.absmax_q = q.absmax.const_data_ptr<uint8_t>();
+        v.nested_absmax = q.nested_absmax.const_data_ptr<float>();
+        v.nested_code = q.nested_code.const_data_ptr<float>();
+        v.offset = q.offset.const_data_ptr<float>();
+    } else {
+        v.absmax_f32 = q.absmax.const_data_ptr<float>();
+    }
+    return v;
+}
+
+TEST(SimtKernelsTest, DequantizeTileKernelMatchesCpuDequantize) {
+    // Tiles of W [N, K] at every kind of offset, K both a multiple of the blocksize and not (blocks straddle rows).
+    for (int64_t K : {64, 100, 257}) {
+        const int64_t N = 37;
+        for (bool dq : {false, true}) {
+            const at::Tensor w = test_weight(N * K, at::kFloat, static_cast<uint64_t>(K)).view({N, K});
+            const qlora::Nf4Tensor q = qlora::nf4_quantize(w, 32, dq);
+            const at::Tensor full = qlora::nf4_dequantize(q);
+            for (auto [n0, k0, rows, cols] : {std::array<int64_t, 4>{0, 0, N, K}, {5, 3, 11, 17}, {36, K - 1, 1, 1}}) {
+                for (int64_t max_blocks : kMaxBlocks) {
+                    at::Tensor out = at::full({rows, cols}, 99.0f);
+                    cuda::nf4_dequantize_tile_launch<float>(
+                        {weight_view(q), K, n0, k0, rows, cols, out.data_ptr()}, nullptr, max_blocks
+                    );
+                    const at::Tensor ref = full.slice(0, n0, n0 + rows).slice(1, k0, k0 + cols);
+                    EXPECT_TRUE(at::equal(out.view(at::kInt), ref.contiguous().view(at::kInt)))
+                        << "K=" << K << " dq=" << dq << " tile " << n0 << "," << k0 << " " << rows << "x" << cols;
+                }
+            }
+        }
+    }
+}
+
+TEST(SimtKernelsTest, GemvKernelMatchesCpuLinearWithinSummationBound) {
+    // The kernel sums in a different order than the CPU (lanes stride over k, then a butterfly), so results agree
+    // within the float32 summation bound |error| <= gamma_K * sum_k |x_k w_k|, gamma_K = K u / (1 - K u), u = 2^-24,
+    // for both against the float64 product; checked against the float64 reference directly.
+    for (int64_t M : {1, 3, 16}) {
+        for (int64_t K : {64, 257}) {
+            const int64_t N = 45;
+            const at::Tensor w = test_weight(N * K, at::kFloat, static_cast<uint64_t>(M * K)).view({N, K});
+            const qlora::Nf4Tensor q = qlora::nf4_quantize(w, 64, true);
+            const at::Tensor wd = qlora::nf4_dequantize(q).to(at::kDouble);
+            for (at::ScalarType dt : {at::kFloat, at::kBFloat16, at::kHalf}) {
+                const at::Tensor x = at::randn({M, K}).to(dt);
+                const at::Tensor xd = x.to(at::kDouble);
+                const at::Tensor ref = at::mm(xd, wd.t());
+                const at::Tensor bound = at::mm(xd.abs(), wd.abs().t()) * (K * 0x1p-24 / (1 - K * 0x1p-24));
+                for (int64_t max_blocks : kMaxBlocks) {
+                    at::Tensor y = at::full({M, N}, NAN);
+                    const cuda::Nf4GemvParams p{weight_view(q), x.const_data_ptr(), M, N, K, y.data_ptr<float>()};
+                    if (dt == at::kFloat) {
+                        cuda::nf4_linear_gemv_launch<float>(p, nullptr, max_blocks);
+                    } else if (dt == at::kBFloat16) {
+                        cuda::nf4_linear_gemv_launch<__nv_bfloat16>(p, nullptr, max_blocks);
+                    } else {
+                        cuda::nf4_linear_gemv_launch<__half>(p, nullptr, max_blocks);
+                    }
+                    const at::Tensor err = (y.to(at::kDouble) - ref).abs();
+                    EXPECT_TRUE(at::all(err <= bound).item<bool>())
+                        << "M=" << M << " K=" << K << " " << dt << " max err " << err.max().item<double>();
+                }
+            }
+        }
+    }
 }
 
 // Every `__global__` function declared under csrc/cuda must be named in this file (so it has a harness test).

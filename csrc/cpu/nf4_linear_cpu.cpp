@@ -1,0 +1,326 @@
+// csrc/cpu/nf4_linear_cpu.cpp: CPU kernels of qlora::nf4_linear (y = x W^T + b with W an NF4 weight [N, K]) and
+// qlora::nf4_linear_grad_input (g W).
+//
+// Shapes: x [M, K] (leading dims flattened), W [N, K] stored NF4 (flattened row-major, blocks of B), y [M, N].
+//
+//   small M (decode, M <= kFusedMaxM, float32/bfloat16 input): a fused kernel reads the packed codes of each output
+//   row,
+//     dequantizes 32 weights at a time in registers (a 16-entry vpermps lookup) and multiplies them into M running
+//     sums; it never writes a dequantized weight. Rows are split over threads.
+//   otherwise: row tiles of W (about kTileElems weights) are dequantized into one reused buffer in the activation
+//     dtype and multiplied with at::mm into the matching columns of y. Peak extra memory: one tile.
+//   grad_input: column tiles W[:, k0:k1] (tiles along the input dimension) are dequantized into one buffer and
+//     multiplied into the matching columns of grad_x, so every element of grad_x is written once.
+// Accumulation is float32 (float64 for float64 input).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include "../nf4_checks.h"
+#include "cpu_isa.h"
+#include "nf4_simd.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized" // GCC 12 avx512fintrin.h, see nf4_simd.cpp
+#endif
+#include <immintrin.h>
+#define QLORA_X86 1
+#endif
+
+namespace qlora::cpu {
+namespace {
+
+constexpr int64_t kFusedMaxM = 16;               // largest M handled by the fused kernel
+constexpr int64_t kTileElems = int64_t{1} << 17; // weights per dequantized tile (512 KiB as float32)
+
+// The NF4 weight's tensors, contiguous, and the block-absmax view the kernels read.
+struct CpuWeight {
+    at::Tensor packed, absmax, nested_absmax, nested_code;
+    Nf4BlockAbsmax am;
+
+    CpuWeight(
+        const at::Tensor& packed_, const at::Tensor& absmax_, const std::optional<at::Tensor>& nested_absmax_,
+        const std::optional<at::Tensor>& nested_code_, const std::optional<at::Tensor>& offset
+    )
+        : packed(packed_.contiguous()), absmax(absmax_.contiguous()) {
+        if (absmax.scalar_type() == at::kFloat) {
+            am.absmax_f32 = absmax.const_data_ptr<float>();
+        } else {
+            nested_absmax = nested_absmax_->contiguous();
+            nested_code = nested_code_->contiguous();
+            am.absmax_q = absmax.const_data_ptr<uint8_t>();
+            am.nested_absmax = nested_absmax.const_data_ptr<float>();
+            am.nested_code = nested_code.const_data_ptr<float>();
+            am.offset = offset->item<float>();
+        }
+    }
+    const uint8_t* bytes() const { return packed.const_data_ptr<uint8_t>(); }
+};
+
+// Dequantizes rows [n0, n0 + rows) x columns [k0, k0 + cols) of W [N, K] into buf [rows, cols] (contiguous).
+template <typename T>
+void dequantize_tile(
+    const CpuWeight& w, int64_t K, int64_t bs, int64_t n0, int64_t rows, int64_t k0, int64_t cols, T* buf
+) {
+    const CpuIsa isa = cpu_isa();
+    const int64_t grain = std::max<int64_t>(1, 16384 / cols);
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+            nf4_dequantize_range(isa, w.bytes(), w.am, bs, (n0 + r) * K + k0, cols, buf + r * cols);
+        }
+    });
+}
+
+// A dequantized tile in the dtype `dt` (float64 tiles are dequantized as float32, then widened exactly).
+void dequantize_tile_as(
+    const CpuWeight& w, int64_t K, int64_t bs, int64_t n0, int64_t rows, int64_t k0, int64_t cols, at::Tensor& buf
+) {
+    switch (buf.scalar_type()) {
+    case at::kBFloat16:
+        dequantize_tile(w, K, bs, n0, rows, k0, cols, buf.data_ptr<c10::BFloat16>());
+        break;
+    case at::kHalf:
+        dequantize_tile(w, K, bs, n0, rows, k0, cols, buf.data_ptr<c10::Half>());
+        break;
+    default:
+        dequantize_tile(w, K, bs, n0, rows, k0, cols, buf.data_ptr<float>());
+        break;
+    }
+}
+
+at::ScalarType tile_dtype(at::ScalarType x) {
+    return x == at::kDouble ? at::kFloat : x;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// Fused small-M kernel
+
+// y32[m, n] = sum_k x[m, k] * W[n, k] for n in [n0, n1), scalar reference (any ISA).
+template <typename TX>
+void fused_rows_scalar(
+    const TX* x, int64_t M, int64_t K, const CpuWeight& w, int64_t bs, int64_t n0, int64_t n1, float* y32, int64_t N
+) {
+    const uint8_t* p = w.bytes();
+    float acc[kFusedMaxM];
+    for (int64_t n = n0; n < n1; ++n) {
+        std::fill(acc, acc + M, 0.0f);
+        const int64_t row = n * K;
+        for (int64_t k = 0; k < K;) {
+            const int64_t i = row + k;
+            const int64_t b = i / bs;
+            const int64_t e = std::min((b + 1) * bs, row + K) - row;
+            const float a = w.am.at(b);
+            for (; k < e; ++k) {
+                const int64_t j = row + k;
+                const int code = (j % 2 == 0) ? core::nf4_unpack_even(p[j / 2]) : core::nf4_unpack_odd(p[j / 2]);
+                const float wv = core::nf4_decode(code, a);
+                for (int64_t m = 0; m < M; ++m) {
+                    acc[m] += static_cast<float>(x[m * K + k]) * wv;
+                }
+            }
+        }
+        for (int64_t m = 0; m < M; ++m) {
+            y32[m * N + n] = acc[m];
+        }
+    }
+}
+
+#if defined(QLORA_X86)
+#define QLORA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
+
+QLORA_AVX512 inline __m512 load16x(const float* p) {
+    return _mm512_loadu_ps(p);
+}
+QLORA_AVX512 inline __m512 load16x(const c10::BFloat16* p) {
+    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+
+// The same with 32 weights per step decoded in registers: codes -> LUT (vpermps) -> * absmax -> FMA into M sums.
+template <int M, typename TX>
+QLORA_AVX512 void fused_rows_avx512(
+    const TX* x, int64_t K, const CpuWeight& w, int64_t bs, int64_t n0, int64_t n1, float* y32, int64_t N
+) {
+    const uint8_t* p = w.bytes();
+    const __m512 lut = _mm512_loadu_ps(core::kNf4Code_host);
+    const __m512i perm_lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i perm_hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m512i low4 = _mm512_set1_epi32(0x0f);
+    for (int64_t n = n0; n < n1; ++n) {
+        __m512 acc[M];
+        float tail[M];
+        for (int m = 0; m < M; ++m) {
+            acc[m] = _mm512_setzero_ps();
+            tail[m] = 0.0f;
+        }
+        const int64_t row = n * K;
+        for (int64_t k = 0; k < K;) {
+            const int64_t b = (row + k) / bs;
+            const int64_t e = std::min((b + 1) * bs, row + K) - row; // end of this block within the row
+            const float a = w.am.at(b);
+            const __m512 av = _mm512_set1_ps(a);
+            // Scalar until the element index is even (a byte boundary), then 32 at a time, then scalar.
+            auto scalar_step = [&](int64_t kk) {
+                const int64_t j = row + kk;
+                const int code = (j % 2 == 0) ? core::nf4_unpack_even(p[j / 2]) : core::nf4_unpack_odd(p[j / 2]);
+                const float wv = core::nf4_decode(code, a);
+                for (int m = 0; m < M; ++m) {
+                    tail[m] += static_cast<float>(x[m * K + kk]) * wv;
+                }
+            };
+            if ((row + k) % 2 != 0 && k < e) {
+                scalar_step(k++);
+            }
+            for (; k + 32 <= e; k += 32) {
+                const __m512i wb =
+                    _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + (row + k) / 2)));
+                const __m512i hi = _mm512_srli_epi32(wb, 4);
+                const __m512i lo = _mm512_and_si512(wb, low4);
+                const __m512 w0 =
+                    _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, perm_lo, lo), lut), av);
+                const __m512 w1 =
+                    _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, perm_hi, lo), lut), av);
+                for (int m = 0; m < M; ++m) {
+                    acc[m] = _mm512_fmadd_ps(load16x(x + m * K + k), w0, acc[m]);
+                    acc[m] = _mm512_fmadd_ps(load16x(x + m * K + k + 16), w1, acc[m]);
+                }
+            }
+            for (; k < e; ++k) {
+                scalar_step(k);
+            }
+        }
+        for (int m = 0; m < M; ++m) {
+            y32[m * N + n] = _mm512_reduce_add_ps(acc[m]) + tail[m];
+        }
+    }
+}
+
+template <typename TX, int M = 1>
+void fused_rows_avx512_dispatch(
+    int64_t m, const TX* x, int64_t K, const CpuWeight& w, int64_t bs, int64_t n0, int64_t n1, float* y32, int64_t N
+) {
+    if constexpr (M <= kFusedMaxM) {
+        if (m == M) {
+            fused_rows_avx512<M>(x, K, w, bs, n0, n1, y32, N);
+        } else {
+            fused_rows_avx512_dispatch<TX, M + 1>(m, x, K, w, bs, n0, n1, y32, N);
+        }
+    }
+}
+#endif
+
+template <typename TX>
+void fused_linear(const TX* x, int64_t M, int64_t K, const CpuWeight& w, int64_t bs, int64_t N, float* y32) {
+    const CpuIsa isa = cpu_isa();
+    // Rows per task: enough weights (~64 Ki) to amortise scheduling.
+    const int64_t grain = std::max<int64_t>(1, 65536 / K);
+    at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+#if defined(QLORA_X86)
+        if (isa == CpuIsa::kAvx512) {
+            fused_rows_avx512_dispatch<TX>(M, x, K, w, bs, n0, n1, y32, N);
+            return;
+        }
+#endif
+        fused_rows_scalar(x, M, K, w, bs, n0, n1, y32, N);
+    });
+}
+
+} // namespace
+
+at::Tensor nf4_linear_cpu(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+    const std::optional<at::Tensor>& offset, int64_t out_features, int64_t blocksize,
+    const std::optional<at::Tensor>& bias
+) {
+    const int64_t K =
+        nf4_check_linear_args(
+            "qlora::nf4_linear", x, packed, absmax, nested_absmax, nested_code, offset, out_features, blocksize, bias
+        )
+            .expect_int();
+    const int64_t N = out_features;
+    std::vector<int64_t> out_shape = x.sizes().vec();
+    out_shape.back() = N;
+    const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+    const int64_t M = x2.size(0);
+    if (M == 0) {
+        return at::empty(out_shape, x.options());
+    }
+    const CpuWeight w(packed, absmax, nested_absmax, nested_code, offset);
+    at::Tensor y;
+    const bool fused = M <= kFusedMaxM && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
+    if (fused) {
+        at::Tensor y32 = at::empty({M, N}, x.options().dtype(at::kFloat));
+        if (x.scalar_type() == at::kFloat) {
+            fused_linear(x2.const_data_ptr<float>(), M, K, w, blocksize, N, y32.data_ptr<float>());
+        } else {
+            fused_linear(x2.const_data_ptr<c10::BFloat16>(), M, K, w, blocksize, N, y32.data_ptr<float>());
+        }
+        if (bias.has_value()) {
+            y32.add_(bias->to(at::kFloat));
+        }
+        y = x.scalar_type() == at::kFloat ? y32 : y32.to(x.scalar_type());
+    } else {
+        y = at::empty({M, N}, x.options());
+        const int64_t rows = std::clamp<int64_t>(kTileElems / K, 16, N);
+        at::Tensor tile = at::empty({rows, K}, x.options().dtype(tile_dtype(x.scalar_type())));
+        for (int64_t n0 = 0; n0 < N; n0 += rows) {
+            const int64_t r = std::min(rows, N - n0);
+            at::Tensor t = tile.narrow(0, 0, r);
+            dequantize_tile_as(w, K, blocksize, n0, r, 0, K, t);
+            at::Tensor yt = y.narrow(1, n0, r);
+            at::mm_out(yt, x2, x.scalar_type() == at::kDouble ? t.to(at::kDouble).t() : t.t());
+        }
+        if (bias.has_value()) {
+            y.add_(*bias);
+        }
+    }
+    return y.view(out_shape);
+}
+
+at::Tensor nf4_linear_grad_input_cpu(
+    const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+    const std::optional<at::Tensor>& offset, int64_t in_features, int64_t blocksize
+) {
+    const int64_t N = grad_out.size(-1);
+    const int64_t K = in_features;
+    TORCH_CHECK(K > 0, "qlora::nf4_linear_grad_input: in_features must be positive, got ", K);
+    TORCH_CHECK(
+        linear_dtype_is_supported(grad_out.scalar_type()),
+        "qlora::nf4_linear_grad_input: grad_out must be float32, bfloat16, float16 or float64, got ",
+        grad_out.scalar_type()
+    );
+    nf4_check_dequantize_args(
+        packed, absmax, nested_absmax, nested_code, offset, N * K, at::kFloat, blocksize, "qlora::nf4_linear_grad_input"
+    );
+    std::vector<int64_t> out_shape = grad_out.sizes().vec();
+    out_shape.back() = K;
+    const at::Tensor g2 = grad_out.reshape({-1, N}).contiguous();
+    const int64_t M = g2.size(0);
+    at::Tensor gx = at::empty({M, K}, grad_out.options());
+    if (M == 0) {
+        return gx.view(out_shape);
+    }
+    const CpuWeight w(packed, absmax, nested_absmax, nested_code, offset);
+    const int64_t cols = std::clamp<int64_t>(kTileElems / N, 32, K);
+    at::Tensor tile = at::empty({N, cols}, grad_out.options().dtype(tile_dtype(grad_out.scalar_type())));
+    for (int64_t k0 = 0; k0 < K; k0 += cols) {
+        const int64_t c = std::min(cols, K - k0);
+        at::Tensor t = c == cols ? tile : at::empty({N, c}, tile.options());
+        dequantize_tile_as(w, K, blocksize, 0, N, k0, c, t);
+        at::Tensor gxt = gx.narrow(1, k0, c);
+        at::mm_out(gxt, g2, grad_out.scalar_type() == at::kDouble ? t.to(at::kDouble) : t);
+    }
+    return gx.view(out_shape);
+}
+
+TORCH_LIBRARY_IMPL(qlora, CPU, m) {
+    m.impl("nf4_linear", &nf4_linear_cpu);
+    m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_cpu);
+}
+
+} // namespace qlora::cpu

@@ -1,0 +1,174 @@
+// csrc/cuda/nf4_linear_cuda.cu: CUDA kernels of qlora::nf4_linear and qlora::nf4_linear_grad_input (ATen layer).
+//
+// Small M (<= kGemvMaxM): nf4_linear_gemv_kernel. Otherwise, and for the input gradient: NF4 tiles dequantized by
+// nf4_dequantize_tile_kernel into one scratch buffer in the activation dtype, multiplied by cuBLAS through at::mm_out
+// into the matching columns of the output (row tiles of W for the forward, column tiles for grad_input).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../nf4_checks.h"
+#include "nf4_linear_kernels.cuh"
+
+namespace qlora::cuda {
+namespace {
+
+constexpr int64_t kTileElems = int64_t{1} << 22; // weights per scratch tile (16 MiB as float32)
+
+// Device tensors of the weight kept alive while kernels read them.
+struct CudaWeight {
+    at::Tensor packed, absmax, nested_absmax, nested_code, offset;
+    Nf4WeightView view{};
+
+    CudaWeight(
+        const at::Tensor& packed_, const at::Tensor& absmax_, const std::optional<at::Tensor>& nested_absmax_,
+        const std::optional<at::Tensor>& nested_code_, const std::optional<at::Tensor>& offset_, int64_t blocksize
+    )
+        : packed(packed_.contiguous()), absmax(absmax_.contiguous()) {
+        view.packed = packed.const_data_ptr<uint8_t>();
+        view.blocksize = blocksize;
+        if (absmax.scalar_type() == at::kFloat) {
+            view.absmax_f32 = absmax.const_data_ptr<float>();
+        } else {
+            nested_absmax = nested_absmax_->contiguous();
+            nested_code = nested_code_->contiguous();
+            offset = offset_->contiguous();
+            view.absmax_q = absmax.const_data_ptr<uint8_t>();
+            view.nested_absmax = nested_absmax.const_data_ptr<float>();
+            view.nested_code = nested_code.const_data_ptr<float>();
+            view.offset = offset.const_data_ptr<float>();
+        }
+    }
+};
+
+at::ScalarType tile_dtype(at::ScalarType x) {
+    return x == at::kDouble ? at::kFloat : x;
+}
+
+void launch_tile(const Nf4TileParams& p, at::ScalarType dt, cudaStream_t stream) {
+    switch (dt) {
+    case at::kBFloat16:
+        nf4_dequantize_tile_launch<__nv_bfloat16>(p, stream);
+        break;
+    case at::kHalf:
+        nf4_dequantize_tile_launch<__half>(p, stream);
+        break;
+    default:
+        nf4_dequantize_tile_launch<float>(p, stream);
+        break;
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+} // namespace
+
+at::Tensor nf4_linear_cuda(
+    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+    const std::optional<at::Tensor>& offset, int64_t out_features, int64_t blocksize,
+    const std::optional<at::Tensor>& bias
+) {
+    const int64_t K =
+        nf4_check_linear_args(
+            "qlora::nf4_linear", x, packed, absmax, nested_absmax, nested_code, offset, out_features, blocksize, bias
+        )
+            .expect_int();
+    TORCH_CHECK(x.is_cuda(), "qlora::nf4_linear: input must be a CUDA tensor here, got ", x.device());
+    const c10::cuda::CUDAGuard guard(x.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    const int64_t N = out_features;
+    std::vector<int64_t> out_shape = x.sizes().vec();
+    out_shape.back() = N;
+    const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+    const int64_t M = x2.size(0);
+    if (M == 0) {
+        return at::empty(out_shape, x.options());
+    }
+    const CudaWeight w(packed, absmax, nested_absmax, nested_code, offset, blocksize);
+    at::Tensor y;
+    if (M <= kGemvMaxM && x.scalar_type() != at::kDouble) {
+        at::Tensor y32 = at::empty({M, N}, x.options().dtype(at::kFloat));
+        const Nf4GemvParams p{w.view, x2.const_data_ptr(), M, N, K, y32.data_ptr<float>()};
+        switch (x.scalar_type()) {
+        case at::kBFloat16:
+            nf4_linear_gemv_launch<__nv_bfloat16>(p, stream);
+            break;
+        case at::kHalf:
+            nf4_linear_gemv_launch<__half>(p, stream);
+            break;
+        default:
+            nf4_linear_gemv_launch<float>(p, stream);
+            break;
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (bias.has_value()) {
+            y32.add_(bias->to(at::kFloat));
+        }
+        y = x.scalar_type() == at::kFloat ? y32 : y32.to(x.scalar_type());
+    } else {
+        y = at::empty({M, N}, x.options());
+        const int64_t rows = std::clamp<int64_t>(kTileElems / K, 16, N);
+        at::Tensor tile = at::empty({rows, K}, x.options().dtype(tile_dtype(x.scalar_type())));
+        for (int64_t n0 = 0; n0 < N; n0 += rows) {
+            const int64_t r = std::min(rows, N - n0);
+            at::Tensor t = tile.narrow(0, 0, r);
+            launch_tile({w.view, K, n0, 0, r, K, t.data_ptr()}, t.scalar_type(), stream);
+            at::Tensor yt = y.narrow(1, n0, r);
+            at::mm_out(yt, x2, x.scalar_type() == at::kDouble ? t.to(at::kDouble).t() : t.t());
+        }
+        if (bias.has_value()) {
+            y.add_(*bias);
+        }
+    }
+    return y.view(out_shape);
+}
+
+at::Tensor nf4_linear_grad_input_cuda(
+    const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+    const std::optional<at::Tensor>& offset, int64_t in_features, int64_t blocksize
+) {
+    const int64_t N = grad_out.size(-1);
+    const int64_t K = in_features;
+    TORCH_CHECK(K > 0, "qlora::nf4_linear_grad_input: in_features must be positive, got ", K);
+    TORCH_CHECK(
+        linear_dtype_is_supported(grad_out.scalar_type()),
+        "qlora::nf4_linear_grad_input: grad_out must be float32, bfloat16, float16 or float64, got ",
+        grad_out.scalar_type()
+    );
+    nf4_check_dequantize_args(
+        packed, absmax, nested_absmax, nested_code, offset, N * K, at::kFloat, blocksize, "qlora::nf4_linear_grad_input"
+    );
+    const c10::cuda::CUDAGuard guard(grad_out.device());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    std::vector<int64_t> out_shape = grad_out.sizes().vec();
+    out_shape.back() = K;
+    const at::Tensor g2 = grad_out.reshape({-1, N}).contiguous();
+    const int64_t M = g2.size(0);
+    at::Tensor gx = at::empty({M, K}, grad_out.options());
+    if (M == 0) {
+        return gx.view(out_shape);
+    }
+    const CudaWeight w(packed, absmax, nested_absmax, nested_code, offset, blocksize);
+    const int64_t cols = std::clamp<int64_t>(kTileElems / N, 32, K);
+    at::Tensor tile = at::empty({N, cols}, grad_out.options().dtype(tile_dtype(grad_out.scalar_type())));
+    for (int64_t k0 = 0; k0 < K; k0 += cols) {
+        const int64_t c = std::min(cols, K - k0);
+        at::Tensor t = c == cols ? tile : at::empty({N, c}, tile.options());
+        launch_tile({w.view, K, 0, k0, N, c, t.data_ptr()}, t.scalar_type(), stream);
+        at::Tensor gxt = gx.narrow(1, k0, c);
+        at::mm_out(gxt, g2, grad_out.scalar_type() == at::kDouble ? t.to(at::kDouble) : t);
+    }
+    return gx.view(out_shape);
+}
+
+TORCH_LIBRARY_IMPL(qlora, CUDA, m) {
+    m.impl("nf4_linear", &nf4_linear_cuda);
+    m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_cuda);
+}
+
+} // namespace qlora::cuda

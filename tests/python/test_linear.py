@@ -1,0 +1,223 @@
+"""torch.ops.qlora.nf4_linear / nf4_linear_grad_input / linear: values and gradients against float64 references,
+gradcheck, opcheck, torch.compile, edge cases.
+
+Tolerances: float32 results are bounded by the float32 summation bound gamma_K * sum_k |x_k w_k| (gamma_K = K u /
+(1 - K u), u = 2^-24) against the float64 product of the same dequantized weight, valid for any summation order;
+bfloat16 results by twice the error of PyTorch's own bfloat16 path (F.linear on the bfloat16-dequantized weight)
+against the same float64 reference (shared/STYLE.md habit 6), plus one bfloat16 rounding of the result.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qlora
+from conftest import cpu_isa, supported_isas
+
+U32 = 2.0**-24
+
+
+def make(out_f=48, in_f=96, blocksize=64, double_quant=True, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    q = qlora.quantize_nf4(w.to(dtype), blocksize, double_quant)
+    return q, q.dequantize(torch.float32).double()
+
+
+def summation_bound(x64, w64):
+    k = x64.shape[-1]
+    return (x64.abs() @ w64.abs().T) * (k * U32 / (1 - k * U32))
+
+
+def check_close(name, got, ref64, bound):
+    err = (got.double() - ref64).abs()
+    worst = (err - bound).max().item()
+    assert worst <= 0, f"{name}: error exceeds bound by {worst:.3g} (max err {err.max().item():.3g})"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+class TestNf4Linear:
+    @pytest.mark.parametrize("M", [1, 5, 16, 17, 130])  # fused (<= 16) and tiled paths
+    @pytest.mark.parametrize("shape", [(48, 96), (33, 100), (7, 257)], ids=str)  # in % 64 != 0: blocks straddle rows
+    @pytest.mark.parametrize("double_quant", [False, True])
+    def test_float32_forward_within_summation_bound(self, M, shape, double_quant):
+        q, w64 = make(*shape, double_quant=double_quant)
+        x = torch.randn(M, shape[1])
+        bias = torch.randn(shape[0])
+        y = torch.ops.qlora.nf4_linear(x, q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, shape[0], 64, bias)
+        ref = x.double() @ w64.T + bias.double()
+        check_close("y", y, ref, summation_bound(x.double(), w64) + bias.abs().double() * U32 * 2)
+
+    @pytest.mark.parametrize("M", [1, 16, 40])
+    def test_bfloat16_forward_within_twice_torch_error(self, M):
+        q, w64 = make(64, 192, dtype=torch.bfloat16)
+        x = torch.randn(M, 192).bfloat16()
+        y = qlora.functional.linear(x, q)
+        ref = x.double() @ w64.T
+        torch_path = F.linear(x, q.dequantize(torch.bfloat16))
+        bound = 2 * (torch_path.double() - ref).abs() + ref.abs() * 2.0**-8 + summation_bound(x.double(), w64)
+        assert y.dtype == torch.bfloat16
+        check_close("y bf16", y, ref, bound)
+
+    @pytest.mark.parametrize("isa", supported_isas())
+    def test_every_isa_within_bound(self, isa):
+        q, w64 = make(40, 160)
+        x = torch.randn(3, 160)
+        with cpu_isa(isa):
+            y = qlora.functional.linear(x, q)
+        check_close(isa, y, x.double() @ w64.T, summation_bound(x.double(), w64))
+
+    @pytest.mark.parametrize("M", [1, 9, 100])
+    def test_grad_input_within_summation_bound(self, M):
+        q, w64 = make(50, 130)
+        g = torch.randn(M, 50)
+        gx = torch.ops.qlora.nf4_linear_grad_input(g, q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, 130, 64)
+        ref = g.double() @ w64
+        k = 50
+        check_close("grad_x", gx, ref, (g.double().abs() @ w64.abs()) * (k * U32 / (1 - k * U32)))
+
+    def test_float64_path_is_exact_for_the_dequantized_weight(self):
+        q, w64 = make(24, 64)
+        x = torch.randn(4, 3, 64, dtype=torch.float64)
+        y = qlora.functional.linear(x, q)
+        assert y.dtype == torch.float64 and y.shape == (4, 3, 24)
+        torch.testing.assert_close(y, x @ w64.T, rtol=1e-12, atol=1e-12)
+
+    def test_edge_shapes(self):
+        q, w64 = make(24, 64)
+        assert qlora.functional.linear(torch.randn(0, 64), q).shape == (0, 24)
+        assert qlora.functional.linear(torch.randn(2, 0, 64), q).shape == (2, 0, 24)
+        xt = torch.randn(64, 5).T  # non-contiguous (transposed)
+        check_close("transposed", qlora.functional.linear(xt, q), xt.double() @ w64.T, summation_bound(xt.double(), w64))
+        x1 = torch.randn(64)  # no batch dimension
+        assert qlora.functional.linear(x1, q).shape == (24,)
+
+    def test_errors(self):
+        q, _ = make(24, 64)
+        args = (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset)
+        with pytest.raises(RuntimeError, match=r"input has 65 features, but the NF4 weight's 768 bytes do not hold \[out_features=24, 65\] codes"):
+            torch.ops.qlora.nf4_linear(torch.randn(2, 65), *args, 24, 64, None)
+        with pytest.raises(RuntimeError, match=r"bias must have shape \[24\]"):
+            torch.ops.qlora.nf4_linear(torch.randn(2, 64), *args, 24, 64, torch.randn(23))
+        with pytest.raises(RuntimeError, match="input must be float32, bfloat16, float16 or float64"):
+            torch.ops.qlora.nf4_linear(torch.ones(2, 64, dtype=torch.int32), *args, 24, 64, None)
+        with pytest.raises(RuntimeError, match="lora_a and lora_b must be given together"):
+            torch.ops.qlora.linear(torch.randn(2, 64), *args, 24, 64, None, torch.randn(4, 64), None, 1.0, None)
+        with pytest.raises(RuntimeError, match=r"lora_b must be \[out_features=24, r=4\]"):
+            torch.ops.qlora.linear(torch.randn(2, 64), *args, 24, 64, None, torch.randn(4, 64), torch.randn(4, 24), 1.0, None)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+def lora_case(dtype=torch.float64, M=6, in_f=96, out_f=40, r=4, double_quant=True, seed=1):
+    q, w64 = make(out_f, in_f, double_quant=double_quant, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, M // 2, in_f, generator=g, dtype=dtype, requires_grad=True)
+    a = (torch.randn(r, in_f, generator=g, dtype=dtype) * 0.1).requires_grad_()
+    b = (torch.randn(out_f, r, generator=g, dtype=dtype) * 0.1).requires_grad_()
+    bias = torch.randn(out_f, generator=g, dtype=dtype, requires_grad=True)
+    return q, w64, x, a, b, bias
+
+
+class TestLinearAutograd:
+    def reference(self, x, w64, bias, a, b, s, xl=None):
+        xl = x if xl is None else xl
+        return x.double() @ w64.T + bias.double() + s * (xl.double() @ a.double().T) @ b.double().T
+
+    @pytest.mark.parametrize("with_lora_input", [False, True])
+    def test_gradients_match_float64_reference(self, with_lora_input):
+        q, w64, x, a, b, bias = lora_case()
+        s = 2.0
+        xl = (x * 0.5).detach().requires_grad_() if with_lora_input else None
+        y = qlora.functional.linear(x, q, bias, a, b, s, xl)
+        leaves = [x, a, b, bias] + ([xl] if with_lora_input else [])
+        ref_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+        ref = self.reference(ref_leaves[0], w64, ref_leaves[3], ref_leaves[1], ref_leaves[2], s,
+                             ref_leaves[4] if with_lora_input else None)
+        gy = torch.randn_like(y)
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad(y, leaves, gy)
+        ref_grads = torch.autograd.grad(ref, ref_leaves, gy)
+        for name, g, rg in zip(["x", "lora_a", "lora_b", "bias", "lora_input"], grads, ref_grads):
+            torch.testing.assert_close(g, rg, rtol=1e-12, atol=1e-12, msg=name)
+
+    def test_gradcheck_float64(self):
+        q, _, x, a, b, bias = lora_case(M=4, in_f=64, out_f=12, r=3)
+
+        def fn(x, a, b, bias):
+            return qlora.functional.linear(x, q, bias, a, b, 0.5)
+
+        assert torch.autograd.gradcheck(fn, (x, a, b, bias))
+
+    def test_gradcheck_with_separate_lora_input(self):
+        q, _, x, a, b, bias = lora_case(M=4, in_f=64, out_f=12, r=3)
+        xl = torch.randn_like(x).requires_grad_()
+        assert torch.autograd.gradcheck(lambda x, xl, a, b: qlora.functional.linear(x, q, None, a, b, 1.5, xl), (x, xl, a, b))
+
+    def test_float32_gradients_within_bound(self):
+        q, w64, x, a, b, bias = lora_case(dtype=torch.float32, M=40, in_f=130, out_f=50, r=8)
+        y = qlora.functional.linear(x, q, bias, a, b, 1.0)
+        gy = torch.randn_like(y)
+        gx, ga, gb, gbias = torch.autograd.grad(y, [x, a, b, bias], gy)
+        g64 = gy.double().reshape(-1, 50)
+        x64 = x.double().reshape(-1, 130)
+        u = g64 @ b.double()
+        torch.testing.assert_close(gbias.double(), g64.sum(0), rtol=1e-5, atol=1e-5)
+        # grad_x = g W + (g B) A: bound each product by its float32 summation bound.
+        ref_gx = g64 @ w64 + u @ a.double()
+        bound = (g64.abs() @ w64.abs() + (g64.abs() @ b.double().abs()) @ a.double().abs()) * (60 * U32 / (1 - 60 * U32))
+        check_close("grad_x", gx.reshape(-1, 130), ref_gx, bound * 4)
+        torch.testing.assert_close(ga.double(), u.T @ x64, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gb.double(), g64.T @ (x64 @ a.double().T), rtol=1e-4, atol=1e-4)
+
+    def test_no_gradient_reaches_the_weight_and_only_packed_is_saved(self):
+        q, _, x, a, b, bias = lora_case(dtype=torch.float32)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = qlora.functional.linear(x, q, bias, a, b, 1.0)
+        sizes = {tuple(t.shape) for t in saved}
+        assert (q.packed.numel(), 1) in sizes  # the packed codes
+        assert not any(t.shape == torch.Size(q.shape) and t.is_floating_point() for t in saved), "no dense weight"
+        y.sum().backward()
+        assert q.packed.grad is None and not q.packed.requires_grad
+
+    def test_without_lora_and_bias(self):
+        q, w64, x, *_ = lora_case()
+        y = qlora.functional.linear(x, q)
+        (gx,) = torch.autograd.grad(y.sum(), [x])
+        torch.testing.assert_close(gx, torch.ones_like(y) @ w64.to(gx.dtype), rtol=1e-12, atol=1e-12)
+
+    def _samples(self, requires_grad):
+        q, _, x, a, b, bias = lora_case(dtype=torch.float32)
+        for t in (x, a, b, bias):
+            t.requires_grad_(requires_grad)
+        st = (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.shape[0], q.blocksize)
+        yield (x, *st, bias, a, b, 2.0, None)
+        yield (x, *st, None, None, None, 1.0, None)
+        yield (x.detach()[:1, :1], *st, bias, a, b, 0.5, x.detach()[:1, :1] * 2)
+
+    @pytest.mark.parametrize("requires_grad", [False, True])
+    def test_opcheck_linear(self, requires_grad):
+        for args in self._samples(requires_grad):
+            torch.library.opcheck(torch.ops.qlora.linear.default, args)
+
+    def test_opcheck_nf4_linear_and_grad_input(self):
+        q, _ = make(24, 64)
+        st = (q.packed, q.absmax, q.nested_absmax, q.nested_code, q.offset)
+        for x in (torch.randn(3, 64), torch.randn(2, 20, 64), torch.randn(1, 64, dtype=torch.bfloat16)):
+            torch.library.opcheck(torch.ops.qlora.nf4_linear.default, (x, *st, 24, 64, None))
+        torch.library.opcheck(torch.ops.qlora.nf4_linear.default, (torch.randn(3, 64), *st, 24, 64, torch.randn(24)))
+        torch.library.opcheck(torch.ops.qlora.nf4_linear_grad_input.default, (torch.randn(5, 24), *st, 64, 64))
+
+    def test_torch_compile_fullgraph(self):
+        q, _, x, a, b, bias = lora_case(dtype=torch.float32)
+
+        def step(x, a, b):
+            return qlora.functional.linear(x, q, bias, a, b, 2.0).square().sum()
+
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        loss = compiled(x, a, b)
+        ga = torch.autograd.grad(loss, [a])[0]
+        loss_e = step(x, a, b)
+        ga_e = torch.autograd.grad(loss_e, [a])[0]
+        torch.testing.assert_close(loss, loss_e)
+        torch.testing.assert_close(ga, ga_e)
