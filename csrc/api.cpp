@@ -69,6 +69,25 @@ void nf4_dequantize_into(const Nf4Tensor& q, at::Tensor& out) {
     );
 }
 
+at::Tensor linear(
+    const at::Tensor& x, const Nf4Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b, double lora_scale,
+    const std::optional<at::Tensor>& lora_input
+) {
+    using Opt = std::optional<at::Tensor>;
+    using Sig = at::
+        Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, const Opt&, const Opt&, int64_t, int64_t, const Opt&, const Opt&, const Opt&, double, const Opt&);
+    static const auto op = op_handle<Sig>("qlora::linear");
+    TORCH_CHECK(weight.shape.size() == 2, "qlora::linear: the NF4 weight must be 2-D [out, in]");
+    auto opt = [](const at::Tensor& t) {
+        return t.defined() ? Opt(t) : std::nullopt;
+    };
+    return op.call(
+        x, weight.packed, weight.absmax, opt(weight.nested_absmax), opt(weight.nested_code), opt(weight.offset),
+        weight.shape[0], weight.blocksize, bias, lora_a, lora_b, lora_scale, lora_input
+    );
+}
+
 at::Tensor nf4_code() {
     static const auto op = op_handle<at::Tensor()>("qlora::nf4_code");
     return op.call();

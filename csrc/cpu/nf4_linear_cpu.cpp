@@ -34,7 +34,7 @@ namespace qlora::cpu {
 namespace {
 
 constexpr int64_t kFusedMaxM = 16;               // largest M handled by the fused kernel
-constexpr int64_t kTileElems = int64_t{1} << 17; // weights per dequantized tile (512 KiB as float32)
+constexpr int64_t kTileElems = int64_t{1} << 19; // weights per dequantized tile (2 MiB as float32)
 
 // The NF4 weight's tensors, contiguous, and the block-absmax view the kernels read.
 struct CpuWeight {

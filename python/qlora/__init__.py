@@ -39,6 +39,7 @@ LIBRARY_PATH = _library_path()
 torch.ops.load_library(LIBRARY_PATH)
 
 from . import functional  # noqa: E402
+from . import nn  # noqa: E402
 from .functional import NF4Tensor, dequantize_nf4, quantize_nf4  # noqa: E402
 
-__all__ = ["LIBRARY_PATH", "NF4Tensor", "dequantize_nf4", "functional", "quantize_nf4"]
+__all__ = ["LIBRARY_PATH", "NF4Tensor", "dequantize_nf4", "functional", "nn", "quantize_nf4"]

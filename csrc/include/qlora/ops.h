@@ -43,6 +43,15 @@ at::Tensor nf4_dequantize(const Nf4Tensor& q, std::optional<at::ScalarType> dtyp
 // caller that dequantizes repeatedly reuses one buffer instead of allocating (and page-faulting) a new one.
 void nf4_dequantize_into(const Nf4Tensor& q, at::Tensor& out);
 
+// qlora::linear: y = x W^T + bias + lora_scale (lora_input A^T) B^T with `weight` the frozen NF4 W [out, in],
+// lora_a = A [r, in], lora_b = B [out, r], lora_input defaulting to x. Differentiable (C++ autograd) in x,
+// lora_input, bias, lora_a and lora_b; never in the weight.
+at::Tensor linear(
+    const at::Tensor& x, const Nf4Tensor& weight, const std::optional<at::Tensor>& bias = std::nullopt,
+    const std::optional<at::Tensor>& lora_a = std::nullopt, const std::optional<at::Tensor>& lora_b = std::nullopt,
+    double lora_scale = 1.0, const std::optional<at::Tensor>& lora_input = std::nullopt
+);
+
 // The 16 NF4 values and the signed/unsigned dynamic 8-bit maps, float32 CPU tensors.
 at::Tensor nf4_code();
 at::Tensor dynamic8_code(bool is_signed = true);
