@@ -198,6 +198,144 @@ QLORA_AVX512 void fused_rows_avx512(
     }
 }
 
+// Fast path when every quantization block lies inside one row (K % blocksize == 0), so every row is cut into chunks
+// of 32 at the same offsets. x has been rearranged once per call into xd (float32): within each chunk of 32, the 16
+// even-index elements, then the 16 odd-index elements. The packed bytes then line up directly: high nibbles (even
+// elements) against the first half, low nibbles against the second, with no interleaving shuffle. Products are summed
+// unscaled within a block and multiplied by the block absmax once per block; two independent accumulators per row
+// of x keep the FMA dependency chains short.
+template <int M>
+QLORA_AVX512 void fused_rows_avx512_aligned(
+    const float* xd, int64_t K, const CpuWeight& w, int64_t bs, int64_t n0, int64_t n1, float* y32, int64_t N
+) {
+    const uint8_t* p = w.bytes();
+    const __m512 lut = _mm512_loadu_ps(core::kNf4Code_host);
+    const __m512i low4 = _mm512_set1_epi32(0x0f);
+    const int64_t blocks_per_row = K / bs;
+    for (int64_t n = n0; n < n1; ++n) {
+        __m512 acc0[M], acc1[M];
+        for (int m = 0; m < M; ++m) {
+            acc0[m] = _mm512_setzero_ps();
+            acc1[m] = _mm512_setzero_ps();
+        }
+        const uint8_t* row = p + n * K / 2;
+        const int64_t b0 = n * blocks_per_row;
+        for (int64_t bi = 0; bi < blocks_per_row; ++bi) {
+            __m512 blk[M];
+            for (int m = 0; m < M; ++m) {
+                blk[m] = _mm512_setzero_ps();
+            }
+            for (int64_t k = bi * bs; k < (bi + 1) * bs; k += 32) {
+                const __m512i wb = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+                const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(wb, 4), lut);
+                const __m512 w_odd = _mm512_permutexvar_ps(_mm512_and_si512(wb, low4), lut);
+                for (int m = 0; m < M; ++m) {
+                    blk[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xd + m * K + k), w_even, blk[m]);
+                    blk[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xd + m * K + k + 16), w_odd, blk[m]);
+                }
+            }
+            const __m512 av = _mm512_set1_ps(w.am.at(b0 + bi));
+            for (int m = 0; m < M; ++m) {
+                if (bi % 2 == 0) {
+                    acc0[m] = _mm512_fmadd_ps(blk[m], av, acc0[m]);
+                } else {
+                    acc1[m] = _mm512_fmadd_ps(blk[m], av, acc1[m]);
+                }
+            }
+        }
+        for (int m = 0; m < M; ++m) {
+            y32[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
+        }
+    }
+}
+
+template <int M = 1>
+void fused_rows_avx512_aligned_dispatch(
+    int64_t m, const float* xd, int64_t K, const CpuWeight& w, int64_t bs, int64_t n0, int64_t n1, float* y32, int64_t N
+) {
+    if constexpr (M <= kFusedMaxM) {
+        if (m == M) {
+            fused_rows_avx512_aligned<M>(xd, K, w, bs, n0, n1, y32, N);
+        } else {
+            fused_rows_avx512_aligned_dispatch<M + 1>(m, xd, K, w, bs, n0, n1, y32, N);
+        }
+    }
+}
+
+#define QLORA_AVX2 __attribute__((target("avx2,fma")))
+
+QLORA_AVX2 inline __m256 lookup16_avx2(__m256i idx, __m256 lut_lo, __m256 lut_hi) {
+    const __m256 lo = _mm256_permutevar8x32_ps(lut_lo, idx);
+    const __m256 hi = _mm256_permutevar8x32_ps(lut_hi, idx);
+    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
+}
+
+QLORA_AVX2 inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// fused_rows_avx512_aligned on 8 lanes: the same de-interleaved x, the same per-block scaling. Each 16-byte group of
+// a chunk is read as two halves of 8 bytes: their high nibbles meet x's even half, their low nibbles the odd half.
+template <int M>
+QLORA_AVX2 void fused_rows_avx2_aligned(
+    const float* xd, int64_t K, const CpuWeight& w, int64_t bs, int64_t n0, int64_t n1, float* y32, int64_t N
+) {
+    const uint8_t* p = w.bytes();
+    const __m256 lut_lo = _mm256_loadu_ps(core::kNf4Code_host);
+    const __m256 lut_hi = _mm256_loadu_ps(core::kNf4Code_host + 8);
+    const __m256i low4 = _mm256_set1_epi32(0x0f);
+    const int64_t blocks_per_row = K / bs;
+    for (int64_t n = n0; n < n1; ++n) {
+        __m256 acc[M];
+        for (int m = 0; m < M; ++m) {
+            acc[m] = _mm256_setzero_ps();
+        }
+        const uint8_t* row = p + n * K / 2;
+        const int64_t b0 = n * blocks_per_row;
+        for (int64_t bi = 0; bi < blocks_per_row; ++bi) {
+            __m256 blk[M];
+            for (int m = 0; m < M; ++m) {
+                blk[m] = _mm256_setzero_ps();
+            }
+            for (int64_t k = bi * bs; k < (bi + 1) * bs; k += 32) {
+                for (int half = 0; half < 2; ++half) {
+                    const __m256i wb =
+                        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2 + 8 * half)));
+                    const __m256 w_even = lookup16_avx2(_mm256_srli_epi32(wb, 4), lut_lo, lut_hi);
+                    const __m256 w_odd = lookup16_avx2(_mm256_and_si256(wb, low4), lut_lo, lut_hi);
+                    for (int m = 0; m < M; ++m) {
+                        blk[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xd + m * K + k + 8 * half), w_even, blk[m]);
+                        blk[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xd + m * K + k + 16 + 8 * half), w_odd, blk[m]);
+                    }
+                }
+            }
+            const __m256 av = _mm256_set1_ps(w.am.at(b0 + bi));
+            for (int m = 0; m < M; ++m) {
+                acc[m] = _mm256_fmadd_ps(blk[m], av, acc[m]);
+            }
+        }
+        for (int m = 0; m < M; ++m) {
+            y32[m * N + n] = hsum8(acc[m]);
+        }
+    }
+}
+
+template <int M = 1>
+void fused_rows_avx2_aligned_dispatch(
+    int64_t m, const float* xd, int64_t K, const CpuWeight& w, int64_t bs, int64_t n0, int64_t n1, float* y32, int64_t N
+) {
+    if constexpr (M <= kFusedMaxM) {
+        if (m == M) {
+            fused_rows_avx2_aligned<M>(xd, K, w, bs, n0, n1, y32, N);
+        } else {
+            fused_rows_avx2_aligned_dispatch<M + 1>(m, xd, K, w, bs, n0, n1, y32, N);
+        }
+    }
+}
+
 template <typename TX, int M = 1>
 void fused_rows_avx512_dispatch(
     int64_t m, const TX* x, int64_t K, const CpuWeight& w, int64_t bs, int64_t n0, int64_t n1, float* y32, int64_t N
@@ -212,9 +350,36 @@ void fused_rows_avx512_dispatch(
 }
 #endif
 
+// x rearranged for fused_rows_avx512_aligned: per chunk of 32, even-index elements then odd-index ones (float32).
+template <typename TX> std::vector<float> deinterleave_chunks(const TX* x, int64_t M, int64_t K) {
+    std::vector<float> xd(static_cast<size_t>(M * K));
+    for (int64_t m = 0; m < M; ++m) {
+        for (int64_t c = 0; c < K; c += 32) {
+            for (int64_t j = 0; j < 16; ++j) {
+                xd[m * K + c + j] = static_cast<float>(x[m * K + c + 2 * j]);
+                xd[m * K + c + 16 + j] = static_cast<float>(x[m * K + c + 2 * j + 1]);
+            }
+        }
+    }
+    return xd;
+}
+
 template <typename TX>
 void fused_linear(const TX* x, int64_t M, int64_t K, const CpuWeight& w, int64_t bs, int64_t N, float* y32) {
     const CpuIsa isa = cpu_isa();
+#if defined(QLORA_X86)
+    if (isa != CpuIsa::kScalar && K % bs == 0) {
+        const std::vector<float> xd = deinterleave_chunks(x, M, K);
+        at::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t n0, int64_t n1) {
+            if (isa == CpuIsa::kAvx512) {
+                fused_rows_avx512_aligned_dispatch(M, xd.data(), K, w, bs, n0, n1, y32, N);
+            } else {
+                fused_rows_avx2_aligned_dispatch(M, xd.data(), K, w, bs, n0, n1, y32, N);
+            }
+        });
+        return;
+    }
+#endif
     // Rows per task: enough weights (~64 Ki) to amortise scheduling.
     const int64_t grain = std::max<int64_t>(1, 65536 / K);
     at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {

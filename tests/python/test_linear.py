@@ -60,12 +60,17 @@ class TestNf4Linear:
         check_close("y bf16", y, ref, bound)
 
     @pytest.mark.parametrize("isa", supported_isas())
-    def test_every_isa_within_bound(self, isa):
-        q, w64 = make(40, 160)
-        x = torch.randn(3, 160)
+    @pytest.mark.parametrize("in_f", [128, 160])  # blocks inside rows (the SIMD fast path) and straddling rows
+    @pytest.mark.parametrize("M", [1, 3, 16])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+    def test_every_isa_within_bound(self, isa, in_f, M, dtype):
+        q, w64 = make(40, in_f)
+        x = torch.randn(M, in_f).to(dtype)
         with cpu_isa(isa):
             y = qlora.functional.linear(x, q)
-        check_close(isa, y, x.double() @ w64.T, summation_bound(x.double(), w64))
+        ref = x.double() @ w64.T
+        bound = summation_bound(x.double(), w64) + (ref.abs() * 2.0**-8 if dtype == torch.bfloat16 else 0)
+        check_close(isa, y, ref, bound)
 
     @pytest.mark.parametrize("M", [1, 9, 100])
     def test_grad_input_within_summation_bound(self, M):
@@ -207,6 +212,18 @@ class TestLinearAutograd:
             torch.library.opcheck(torch.ops.qlora.nf4_linear.default, (x, *st, 24, 64, None))
         torch.library.opcheck(torch.ops.qlora.nf4_linear.default, (torch.randn(3, 64), *st, 24, 64, torch.randn(24)))
         torch.library.opcheck(torch.ops.qlora.nf4_linear_grad_input.default, (torch.randn(5, 24), *st, 64, 64))
+
+    def test_torch_export(self):
+        q, _, x, a, b, bias = lora_case(dtype=torch.float32)
+
+        class M(torch.nn.Module):
+            def forward(self, x, a, b):
+                return qlora.functional.linear(x, q, bias.detach(), a, b, 2.0)
+
+        args = (x.detach(), a.detach(), b.detach())
+        ep = torch.export.export(M(), args)
+        assert any(str(n.target) == "qlora.linear.default" for n in ep.graph.nodes if n.op == "call_function")
+        torch.testing.assert_close(ep.module()(*args), M()(*args), rtol=0, atol=0)
 
     def test_torch_compile_fullgraph(self):
         q, _, x, a, b, bias = lora_case(dtype=torch.float32)

@@ -96,3 +96,70 @@ def test_replace_on_a_transformers_llama_trains():
 def test_replace_rejects_models_without_targets():
     with pytest.raises(ValueError, match="no nn.Linear named any of"):
         replace_linear_with_qlora(nn.Sequential(nn.Linear(4, 4)), target_modules=["q_proj"])
+
+
+def test_llama_training_matches_peft_over_bitsandbytes():
+    """The same tiny Llama, fine-tuned for a few AdamW steps two ways on identical NF4 bytes and LoRA init: (a) PEFT
+    LoRA over bitsandbytes Linear4bit, (b) qlora.nn layers. The loss curves agree to float32 noise: both compute the
+    same math with sums in different orders (~1e-6 relative per op), which AdamW's normalised steps keep from
+    growing beyond ~1e-4 relative over a few steps."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    bnb = pytest.importorskip("bitsandbytes")
+    import copy
+
+    # Sizes are multiples of 64 so no quantization block straddles a row (see TestPeers in test_linear.py).
+    cfg = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    ref_model = copy.deepcopy(base)
+    ours = copy.deepcopy(base)
+
+    # (a) bitsandbytes Linear4bit + PEFT
+    for parent in list(ref_model.modules()):
+        for name, child in list(parent.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                lin = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                        compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+                lin.weight = bnb.nn.Params4bit(data=child.weight.detach().clone(), requires_grad=False,
+                                               quant_type="nf4", compress_statistics=True, blocksize=64)
+                setattr(parent, name, lin.to("cpu"))
+    ref_model = peft.get_peft_model(ref_model, peft.LoraConfig(target_modules=targets, r=8, lora_alpha=16))
+
+    # (b) qlora layers on the same bytes and the same LoRA initialisation
+    replace_linear_with_qlora(ours, targets, r=8, lora_alpha=16)
+    ref_layers = dict(ref_model.base_model.model.named_modules())
+    with torch.no_grad():
+        for name, mod in ours.named_modules():
+            if isinstance(mod, LoraLinear4bit):
+                peft_layer = ref_layers[name]
+                q = qlora.NF4Tensor.from_bnb_state_dict(peft_layer.base_layer.state_dict(), "weight")
+                for field in ("packed", "absmax", "nested_absmax", "nested_code", "offset"):
+                    getattr(mod, field).copy_(getattr(q, field))
+                mod.lora_A.copy_(peft_layer.lora_A["default"].weight)
+                mod.lora_B.copy_(peft_layer.lora_B["default"].weight)
+                peft_layer.lora_B["default"].weight.normal_(0, 0.02)  # start away from B = 0 so A gets gradients
+                mod.lora_B.copy_(peft_layer.lora_B["default"].weight)
+
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    curves = []
+    for model in (ref_model, ours):
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert len(params) == 2 * 2 * 7
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        losses = []
+        for _ in range(5):
+            loss = model(input_ids=ids, labels=ids).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves.append(losses)
+    ref_losses, our_losses = curves
+    assert our_losses[-1] < our_losses[0]
+    for a, b in zip(ref_losses, our_losses):
+        assert abs(a - b) <= 1e-4 * abs(a), (ref_losses, our_losses)
