@@ -34,7 +34,46 @@ def nf4_quant_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"nf4_quant": nf4_quant_table}
+def nf4_linear_table(doc: dict) -> str:
+    m = doc["machine"]
+    bw = ", ".join(f"{t} thread{'s' if t != '1' else ''} {v:.1f} GB/s" for t, v in doc["read_GBps"].items())
+    lines = [
+        f"Machine: {m['cpu']}, CPU kernels {m['qlora_cpu_isa']}, measured read bandwidth {bw}. ×N = the baseline's "
+        "time / qlora's time in the same run (higher is slower than qlora).",
+        "",
+        "Decode (M = 1, float32 activations, NF4 double-quantized weight):",
+        "",
+        "| weight | threads | qlora | G weights/s | % of read roofline | bitsandbytes (bf16) | dense fp32 | dense bf16 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c in doc["decode"]:
+        s = c["seconds"]
+        q = s["qlora_fp32"]
+        n, k = c["shape"]
+        lines.append(
+            f"| {n}×{k} | {c['threads']} | {q * 1e3:.2f} ms | {n * k / q / 1e9:.1f} | "
+            f"{100 * c['roofline_seconds'] / q:.0f}% | ×{s['bitsandbytes_bf16'] / q:.1f} | "
+            f"×{s['dense_fp32'] / q:.2f} | ×{s['dense_bf16'] / q:.2f} |"
+        )
+    lines += [
+        "",
+        "Training shapes (4096×4096, float32, gradient to x; ratio = qlora / dense float32 F.linear, lower is better; "
+        "peak RSS growth measured in a fresh process from after set-up):",
+        "",
+        "| M | threads | forward | ratio | forward + backward | ratio | peak RSS growth qlora / dense |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in doc["train"]:
+        q, d = c["qlora"], c["dense"]
+        lines.append(
+            f"| {c['M']} | {c['threads']} | {q['fwd'] * 1e3:.1f} ms | {q['fwd'] / d['fwd']:.2f} | "
+            f"{q['fwd_bwd'] * 1e3:.1f} ms | {q['fwd_bwd'] / d['fwd_bwd']:.2f} | "
+            f"{q['peak_rss_growth_bytes'] / 2**20:.0f} / {d['peak_rss_growth_bytes'] / 2**20:.0f} MiB |"
+        )
+    return "\n".join(lines)
+
+
+TABLES = {"nf4_quant": nf4_quant_table, "nf4_linear": nf4_linear_table}
 
 
 def main() -> None:

@@ -204,7 +204,8 @@ QLORA_AVX512 void fused_rows_avx512(
 // elements) against the first half, low nibbles against the second, with no interleaving shuffle. Products are summed
 // unscaled within a block and multiplied by the block absmax once per block; two independent accumulators per row
 // of x keep the FMA dependency chains short.
-template <int M>
+// R output rows are processed together so each load of x feeds R rows (x can exceed L1 for long rows).
+template <int M, int R>
 QLORA_AVX512 void fused_rows_avx512_aligned(
     const float* xd, int64_t K, const CpuWeight& w, int64_t bs, int64_t n0, int64_t n1, float* y32, int64_t N
 ) {
@@ -212,40 +213,68 @@ QLORA_AVX512 void fused_rows_avx512_aligned(
     const __m512 lut = _mm512_loadu_ps(core::kNf4Code_host);
     const __m512i low4 = _mm512_set1_epi32(0x0f);
     const int64_t blocks_per_row = K / bs;
-    for (int64_t n = n0; n < n1; ++n) {
-        __m512 acc0[M], acc1[M];
-        for (int m = 0; m < M; ++m) {
-            acc0[m] = _mm512_setzero_ps();
-            acc1[m] = _mm512_setzero_ps();
-        }
-        const uint8_t* row = p + n * K / 2;
-        const int64_t b0 = n * blocks_per_row;
-        for (int64_t bi = 0; bi < blocks_per_row; ++bi) {
-            __m512 blk[M];
+    for (int64_t n = n0; n + R <= n1; n += R) {
+        __m512 acc0[R][M], acc1[R][M];
+        for (int r = 0; r < R; ++r) {
             for (int m = 0; m < M; ++m) {
-                blk[m] = _mm512_setzero_ps();
+                acc0[r][m] = _mm512_setzero_ps();
+                acc1[r][m] = _mm512_setzero_ps();
+            }
+        }
+        for (int64_t bi = 0; bi < blocks_per_row; ++bi) {
+            __m512 blk[R][M];
+            for (int r = 0; r < R; ++r) {
+                for (int m = 0; m < M; ++m) {
+                    blk[r][m] = _mm512_setzero_ps();
+                }
             }
             for (int64_t k = bi * bs; k < (bi + 1) * bs; k += 32) {
-                const __m512i wb = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
-                const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(wb, 4), lut);
-                const __m512 w_odd = _mm512_permutexvar_ps(_mm512_and_si512(wb, low4), lut);
+                __m512 xe[M], xo[M];
                 for (int m = 0; m < M; ++m) {
-                    blk[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xd + m * K + k), w_even, blk[m]);
-                    blk[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xd + m * K + k + 16), w_odd, blk[m]);
+                    xe[m] = _mm512_loadu_ps(xd + m * K + k);
+                    xo[m] = _mm512_loadu_ps(xd + m * K + k + 16);
+                }
+                for (int r = 0; r < R; ++r) {
+                    const uint8_t* row = p + (n + r) * K / 2;
+                    const __m512i wb =
+                        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+                    const __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(wb, 4), lut);
+                    const __m512 w_odd = _mm512_permutexvar_ps(_mm512_and_si512(wb, low4), lut);
+                    for (int m = 0; m < M; ++m) {
+                        blk[r][m] = _mm512_fmadd_ps(xe[m], w_even, blk[r][m]);
+                        blk[r][m] = _mm512_fmadd_ps(xo[m], w_odd, blk[r][m]);
+                    }
                 }
             }
-            const __m512 av = _mm512_set1_ps(w.am.at(b0 + bi));
+            for (int r = 0; r < R; ++r) {
+                const __m512 av = _mm512_set1_ps(w.am.at((n + r) * blocks_per_row + bi));
+                for (int m = 0; m < M; ++m) {
+                    if (bi % 2 == 0) {
+                        acc0[r][m] = _mm512_fmadd_ps(blk[r][m], av, acc0[r][m]);
+                    } else {
+                        acc1[r][m] = _mm512_fmadd_ps(blk[r][m], av, acc1[r][m]);
+                    }
+                }
+            }
+        }
+        for (int r = 0; r < R; ++r) {
             for (int m = 0; m < M; ++m) {
-                if (bi % 2 == 0) {
-                    acc0[m] = _mm512_fmadd_ps(blk[m], av, acc0[m]);
-                } else {
-                    acc1[m] = _mm512_fmadd_ps(blk[m], av, acc1[m]);
-                }
+                y32[m * N + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r][m], acc1[r][m]));
             }
         }
-        for (int m = 0; m < M; ++m) {
-            y32[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[m], acc1[m]));
-        }
+    }
+}
+
+// Rows in groups of R (4 for M <= 2, where the accumulators fit in registers), the remainder one at a time.
+template <int M>
+void fused_rows_avx512_aligned_grouped(
+    const float* xd, int64_t K, const CpuWeight& w, int64_t bs, int64_t n0, int64_t n1, float* y32, int64_t N
+) {
+    constexpr int R = M <= 2 ? 4 : 1;
+    const int64_t grouped_end = n0 + (n1 - n0) / R * R;
+    fused_rows_avx512_aligned<M, R>(xd, K, w, bs, n0, grouped_end, y32, N);
+    if constexpr (R > 1) {
+        fused_rows_avx512_aligned<M, 1>(xd, K, w, bs, grouped_end, n1, y32, N);
     }
 }
 
@@ -255,7 +284,7 @@ void fused_rows_avx512_aligned_dispatch(
 ) {
     if constexpr (M <= kFusedMaxM) {
         if (m == M) {
-            fused_rows_avx512_aligned<M>(xd, K, w, bs, n0, n1, y32, N);
+            fused_rows_avx512_aligned_grouped<M>(xd, K, w, bs, n0, n1, y32, N);
         } else {
             fused_rows_avx512_aligned_dispatch<M + 1>(m, xd, K, w, bs, n0, n1, y32, N);
         }
