@@ -77,9 +77,8 @@ at::Tensor nf4_linear_grad_input_meta(
     const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
     const std::optional<at::Tensor>& offset, int64_t in_features, int64_t blocksize
 ) {
-    nf4_check_dequantize_args(
-        packed, absmax, nested_absmax, nested_code, offset, grad_out.sym_size(-1) * in_features, at::kFloat, blocksize,
-        "qlora::nf4_linear_grad_input"
+    nf4_check_linear_grad_input_args(
+        grad_out, packed, absmax, nested_absmax, nested_code, offset, in_features, blocksize
     );
     std::vector<c10::SymInt> shape = grad_out.sym_sizes().vec();
     shape.back() = in_features;

@@ -195,4 +195,27 @@ inline c10::SymInt nf4_check_linear_args(
     return in_features;
 }
 
+// grad_out [*, N] against an NF4 weight [N, K] (K = in_features), for qlora::nf4_linear_grad_input.
+inline void nf4_check_linear_grad_input_args(
+    const at::Tensor& grad_out, const at::Tensor& packed, const at::Tensor& absmax,
+    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+    const std::optional<at::Tensor>& offset, int64_t in_features, int64_t blocksize
+) {
+    const char* op = "qlora::nf4_linear_grad_input";
+    TORCH_CHECK(grad_out.dim() >= 1, op, ": grad_out must have at least one dimension");
+    TORCH_CHECK(in_features > 0, op, ": in_features must be positive, got ", in_features);
+    TORCH_CHECK(
+        linear_dtype_is_supported(grad_out.scalar_type()), op,
+        ": grad_out must be float32, bfloat16, float16 or float64, got ", grad_out.scalar_type()
+    );
+    nf4_check_dequantize_args(
+        packed, absmax, nested_absmax, nested_code, offset, grad_out.sym_size(-1) * in_features, at::kFloat, blocksize,
+        op
+    );
+    TORCH_CHECK(
+        grad_out.device() == packed.device(), op, ": grad_out is on ", grad_out.device(), " but the weight is on ",
+        packed.device()
+    );
+}
+
 } // namespace qlora

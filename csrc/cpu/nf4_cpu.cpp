@@ -15,6 +15,7 @@
 #include "cpu_isa.h"
 #include "dynamic8_cpu.h"
 #include "nf4_simd.h"
+#include "nf4_weight_cpu.h"
 
 namespace qlora::cpu {
 namespace {
@@ -101,22 +102,9 @@ void dequantize_into(
     const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset, int64_t n, int64_t blocksize,
     at::Tensor& out
 ) {
-    const at::Tensor packed_c = packed.contiguous();
-    const at::Tensor absmax_c = absmax.contiguous();
-    at::Tensor nested_absmax_c;
-    at::Tensor nested_code_c;
-    Nf4BlockAbsmax am;
-    if (absmax_c.scalar_type() == at::kFloat) {
-        am.absmax_f32 = absmax_c.const_data_ptr<float>();
-    } else {
-        nested_absmax_c = nested_absmax->contiguous();
-        nested_code_c = nested_code->contiguous();
-        am.absmax_q = absmax_c.const_data_ptr<uint8_t>();
-        am.nested_absmax = nested_absmax_c.const_data_ptr<float>();
-        am.nested_code = nested_code_c.const_data_ptr<float>();
-        am.offset = offset->item<float>();
-    }
-    const uint8_t* p = packed_c.const_data_ptr<uint8_t>();
+    const CpuWeight w(packed, absmax, nested_absmax, nested_code, offset);
+    const Nf4BlockAbsmax& am = w.am;
+    const uint8_t* p = w.bytes();
     switch (out.scalar_type()) {
     case at::kFloat:
         dequantize_dispatch(p, am, n, blocksize, out.data_ptr<float>());

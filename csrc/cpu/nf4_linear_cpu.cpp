@@ -21,6 +21,7 @@
 #include "../nf4_checks.h"
 #include "cpu_isa.h"
 #include "nf4_simd.h"
+#include "nf4_weight_cpu.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #if defined(__GNUC__) && !defined(__clang__)
@@ -35,30 +36,6 @@ namespace {
 
 constexpr int64_t kFusedMaxM = 16;               // largest M handled by the fused kernel
 constexpr int64_t kTileElems = int64_t{1} << 19; // weights per dequantized tile (2 MiB as float32)
-
-// The NF4 weight's tensors, contiguous, and the block-absmax view the kernels read.
-struct CpuWeight {
-    at::Tensor packed, absmax, nested_absmax, nested_code;
-    Nf4BlockAbsmax am;
-
-    CpuWeight(
-        const at::Tensor& packed_, const at::Tensor& absmax_, const std::optional<at::Tensor>& nested_absmax_,
-        const std::optional<at::Tensor>& nested_code_, const std::optional<at::Tensor>& offset
-    )
-        : packed(packed_.contiguous()), absmax(absmax_.contiguous()) {
-        if (absmax.scalar_type() == at::kFloat) {
-            am.absmax_f32 = absmax.const_data_ptr<float>();
-        } else {
-            nested_absmax = nested_absmax_->contiguous();
-            nested_code = nested_code_->contiguous();
-            am.absmax_q = absmax.const_data_ptr<uint8_t>();
-            am.nested_absmax = nested_absmax.const_data_ptr<float>();
-            am.nested_code = nested_code.const_data_ptr<float>();
-            am.offset = offset->item<float>();
-        }
-    }
-    const uint8_t* bytes() const { return packed.const_data_ptr<uint8_t>(); }
-};
 
 // Dequantizes rows [n0, n0 + rows) x columns [k0, k0 + cols) of W [N, K] into buf [rows, cols] (contiguous).
 template <typename T>
@@ -397,7 +374,9 @@ template <typename TX>
 void fused_linear(const TX* x, int64_t M, int64_t K, const CpuWeight& w, int64_t bs, int64_t N, float* y32) {
     const CpuIsa isa = cpu_isa();
 #if defined(QLORA_X86)
-    if (isa != CpuIsa::kScalar && K % bs == 0) {
+    // The aligned AVX-512 kernel keeps 3 accumulators per row of x; past M = 4 they no longer fit in 32 registers and
+    // the unaligned kernel (one accumulator per row, weights scaled before the FMA) is faster.
+    if (isa != CpuIsa::kScalar && K % bs == 0 && (isa == CpuIsa::kAvx2 || M <= 4)) {
         const std::vector<float> xd = deinterleave_chunks(x, M, K);
         at::parallel_for(0, N, std::max<int64_t>(1, 65536 / K), [&](int64_t n0, int64_t n1) {
             if (isa == CpuIsa::kAvx512) {
@@ -482,15 +461,7 @@ at::Tensor nf4_linear_grad_input_cpu(
 ) {
     const int64_t N = grad_out.size(-1);
     const int64_t K = in_features;
-    TORCH_CHECK(K > 0, "qlora::nf4_linear_grad_input: in_features must be positive, got ", K);
-    TORCH_CHECK(
-        linear_dtype_is_supported(grad_out.scalar_type()),
-        "qlora::nf4_linear_grad_input: grad_out must be float32, bfloat16, float16 or float64, got ",
-        grad_out.scalar_type()
-    );
-    nf4_check_dequantize_args(
-        packed, absmax, nested_absmax, nested_code, offset, N * K, at::kFloat, blocksize, "qlora::nf4_linear_grad_input"
-    );
+    nf4_check_linear_grad_input_args(grad_out, packed, absmax, nested_absmax, nested_code, offset, K, blocksize);
     std::vector<int64_t> out_shape = grad_out.sizes().vec();
     out_shape.back() = K;
     const at::Tensor g2 = grad_out.reshape({-1, N}).contiguous();

@@ -134,15 +134,7 @@ at::Tensor nf4_linear_grad_input_cuda(
 ) {
     const int64_t N = grad_out.size(-1);
     const int64_t K = in_features;
-    TORCH_CHECK(K > 0, "qlora::nf4_linear_grad_input: in_features must be positive, got ", K);
-    TORCH_CHECK(
-        linear_dtype_is_supported(grad_out.scalar_type()),
-        "qlora::nf4_linear_grad_input: grad_out must be float32, bfloat16, float16 or float64, got ",
-        grad_out.scalar_type()
-    );
-    nf4_check_dequantize_args(
-        packed, absmax, nested_absmax, nested_code, offset, N * K, at::kFloat, blocksize, "qlora::nf4_linear_grad_input"
-    );
+    nf4_check_linear_grad_input_args(grad_out, packed, absmax, nested_absmax, nested_code, offset, K, blocksize);
     const c10::cuda::CUDAGuard guard(grad_out.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     std::vector<int64_t> out_shape = grad_out.sizes().vec();

@@ -319,3 +319,29 @@ class TestPeers:
         ga_p, gb_p = torch.autograd.grad(y_peft, [layer.lora_A["default"].weight, layer.lora_B["default"].weight], gy)
         torch.testing.assert_close(ga, ga_p, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(gb, gb_p, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not __import__("conftest").has_cuda(), reason="no CUDA device on this machine")
+class TestLinearCuda:
+    """The CUDA kernels against the CPU op (float32 sums in different orders: within twice the summation bound)."""
+
+    @pytest.mark.parametrize("M", [1, 16, 300])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+    def test_forward_and_gradients_match_cpu(self, M, dtype):
+        q, w64 = make(96, 256)
+        x = torch.randn(M, 256).to(dtype)
+        a = torch.randn(8, 256).to(dtype) * 0.1
+        b = torch.randn(96, 8).to(dtype) * 0.1
+        bias = torch.randn(96).to(dtype)
+        outs = []
+        for dev in ("cpu", "cuda"):
+            leaves = [t.to(dev).requires_grad_() for t in (x, a, b, bias)]
+            y = qlora.functional.linear(leaves[0], q.to(dev), leaves[3], leaves[1], leaves[2], 2.0)
+            y.backward(torch.ones_like(y))
+            outs.append([y.detach().cpu()] + [t.grad.cpu() for t in leaves])
+        ref = x.double() @ w64.T
+        bound = 2 * summation_bound(x.double(), w64) + (ref.abs() * 2.0**-7 if dtype != torch.float32 else 0) + 1e-3
+        check_close("cuda vs cpu forward", outs[1][0], outs[0][0].double(), bound)
+        for name, g_cuda, g_cpu in zip(["x", "a", "b", "bias"], outs[1][1:], outs[0][1:]):
+            torch.testing.assert_close(g_cuda.float(), g_cpu.float(), rtol=2e-2, atol=2e-2, msg=name)
