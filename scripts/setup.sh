@@ -46,6 +46,8 @@ if [ "$(cat .venv/.qlora-deps 2>/dev/null)" != "$want" ]; then
 fi
 
 # 3. CMake build --------------------------------------------------------------------------------------------------
+# ccache keys on paths relative to the checkout, so clones in other directories share one cache.
+export CCACHE_BASEDIR=$root CCACHE_NOHASHDIR=true
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
 cuda_flag=()

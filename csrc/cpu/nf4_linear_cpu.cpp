@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "../nf4_checks.h"
+#include "../nf4_linear_tiled.h"
 #include "cpu_isa.h"
 #include "nf4_simd.h"
 #include "nf4_weight_cpu.h"
@@ -66,10 +67,6 @@ void dequantize_tile_as(
         dequantize_tile(w, K, bs, n0, rows, k0, cols, buf.data_ptr<float>());
         break;
     }
-}
-
-at::ScalarType tile_dtype(at::ScalarType x) {
-    return x == at::kDouble ? at::kFloat : x;
 }
 
 // ----------------------------------------------------------------------------------------------------------------
@@ -415,8 +412,7 @@ at::Tensor nf4_linear_cpu(
         )
             .expect_int();
     const int64_t N = out_features;
-    std::vector<int64_t> out_shape = x.sizes().vec();
-    out_shape.back() = N;
+    const std::vector<int64_t> out_shape = nf4_shape_with_last(x.sizes(), N);
     const at::Tensor x2 = x.reshape({-1, K}).contiguous();
     const int64_t M = x2.size(0);
     if (M == 0) {
@@ -424,29 +420,22 @@ at::Tensor nf4_linear_cpu(
     }
     const CpuWeight w(packed, absmax, nested_absmax, nested_code, offset);
     at::Tensor y;
-    const bool fused = M <= kFusedMaxM && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
-    if (fused) {
+    if (M <= kFusedMaxM && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16)) {
         at::Tensor y32 = at::empty({M, N}, x.options().dtype(at::kFloat));
         if (x.scalar_type() == at::kFloat) {
             fused_linear(x2.const_data_ptr<float>(), M, K, w, blocksize, N, y32.data_ptr<float>());
         } else {
             fused_linear(x2.const_data_ptr<c10::BFloat16>(), M, K, w, blocksize, N, y32.data_ptr<float>());
         }
-        if (bias.has_value()) {
-            y32.add_(bias->to(at::kFloat));
-        }
-        y = x.scalar_type() == at::kFloat ? y32 : y32.to(x.scalar_type());
+        y = nf4_finish_fused(y32, bias, x.scalar_type());
     } else {
         y = at::empty({M, N}, x.options());
-        const int64_t rows = std::clamp<int64_t>(kTileElems / K, 16, N);
-        at::Tensor tile = at::empty({rows, K}, x.options().dtype(tile_dtype(x.scalar_type())));
-        for (int64_t n0 = 0; n0 < N; n0 += rows) {
-            const int64_t r = std::min(rows, N - n0);
-            at::Tensor t = tile.narrow(0, 0, r);
-            dequantize_tile_as(w, K, blocksize, n0, r, 0, K, t);
-            at::Tensor yt = y.narrow(1, n0, r);
-            at::mm_out(yt, x2, x.scalar_type() == at::kDouble ? t.to(at::kDouble).t() : t.t());
-        }
+        nf4_linear_tiled(
+            x2, y, N, K, kTileElems,
+            [&](int64_t n0, int64_t rows, int64_t k0, int64_t cols, at::Tensor& t) {
+                dequantize_tile_as(w, K, blocksize, n0, rows, k0, cols, t);
+            }
+        );
         if (bias.has_value()) {
             y.add_(*bias);
         }
@@ -462,23 +451,17 @@ at::Tensor nf4_linear_grad_input_cpu(
     const int64_t N = grad_out.size(-1);
     const int64_t K = in_features;
     nf4_check_linear_grad_input_args(grad_out, packed, absmax, nested_absmax, nested_code, offset, K, blocksize);
-    std::vector<int64_t> out_shape = grad_out.sizes().vec();
-    out_shape.back() = K;
+    const std::vector<int64_t> out_shape = nf4_shape_with_last(grad_out.sizes(), K);
     const at::Tensor g2 = grad_out.reshape({-1, N}).contiguous();
-    const int64_t M = g2.size(0);
-    at::Tensor gx = at::empty({M, K}, grad_out.options());
-    if (M == 0) {
-        return gx.view(out_shape);
-    }
-    const CpuWeight w(packed, absmax, nested_absmax, nested_code, offset);
-    const int64_t cols = std::clamp<int64_t>(kTileElems / N, 32, K);
-    at::Tensor tile = at::empty({N, cols}, grad_out.options().dtype(tile_dtype(grad_out.scalar_type())));
-    for (int64_t k0 = 0; k0 < K; k0 += cols) {
-        const int64_t c = std::min(cols, K - k0);
-        at::Tensor t = c == cols ? tile : at::empty({N, c}, tile.options());
-        dequantize_tile_as(w, K, blocksize, 0, N, k0, c, t);
-        at::Tensor gxt = gx.narrow(1, k0, c);
-        at::mm_out(gxt, g2, grad_out.scalar_type() == at::kDouble ? t.to(at::kDouble) : t);
+    at::Tensor gx = at::empty({g2.size(0), K}, grad_out.options());
+    if (g2.size(0) > 0) {
+        const CpuWeight w(packed, absmax, nested_absmax, nested_code, offset);
+        nf4_grad_input_tiled(
+            g2, gx, N, K, kTileElems,
+            [&](int64_t n0, int64_t rows, int64_t k0, int64_t cols, at::Tensor& t) {
+                dequantize_tile_as(w, K, blocksize, n0, rows, k0, cols, t);
+            }
+        );
     }
     return gx.view(out_shape);
 }

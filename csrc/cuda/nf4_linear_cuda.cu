@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "../nf4_checks.h"
+#include "../nf4_linear_tiled.h"
 #include "nf4_linear_kernels.cuh"
 
 namespace qlora::cuda {
@@ -45,10 +46,6 @@ struct CudaWeight {
     }
 };
 
-at::ScalarType tile_dtype(at::ScalarType x) {
-    return x == at::kDouble ? at::kFloat : x;
-}
-
 void launch_tile(const Nf4TileParams& p, at::ScalarType dt, cudaStream_t stream) {
     switch (dt) {
     case at::kBFloat16:
@@ -81,8 +78,7 @@ at::Tensor nf4_linear_cuda(
     const c10::cuda::CUDAGuard guard(x.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     const int64_t N = out_features;
-    std::vector<int64_t> out_shape = x.sizes().vec();
-    out_shape.back() = N;
+    const std::vector<int64_t> out_shape = nf4_shape_with_last(x.sizes(), N);
     const at::Tensor x2 = x.reshape({-1, K}).contiguous();
     const int64_t M = x2.size(0);
     if (M == 0) {
@@ -105,21 +101,15 @@ at::Tensor nf4_linear_cuda(
             break;
         }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        if (bias.has_value()) {
-            y32.add_(bias->to(at::kFloat));
-        }
-        y = x.scalar_type() == at::kFloat ? y32 : y32.to(x.scalar_type());
+        y = nf4_finish_fused(y32, bias, x.scalar_type());
     } else {
         y = at::empty({M, N}, x.options());
-        const int64_t rows = std::clamp<int64_t>(kTileElems / K, 16, N);
-        at::Tensor tile = at::empty({rows, K}, x.options().dtype(tile_dtype(x.scalar_type())));
-        for (int64_t n0 = 0; n0 < N; n0 += rows) {
-            const int64_t r = std::min(rows, N - n0);
-            at::Tensor t = tile.narrow(0, 0, r);
-            launch_tile({w.view, K, n0, 0, r, K, t.data_ptr()}, t.scalar_type(), stream);
-            at::Tensor yt = y.narrow(1, n0, r);
-            at::mm_out(yt, x2, x.scalar_type() == at::kDouble ? t.to(at::kDouble).t() : t.t());
-        }
+        nf4_linear_tiled(
+            x2, y, N, K, kTileElems,
+            [&](int64_t n0, int64_t rows, int64_t k0, int64_t cols, at::Tensor& t) {
+                launch_tile({w.view, K, n0, k0, rows, cols, t.data_ptr()}, t.scalar_type(), stream);
+            }
+        );
         if (bias.has_value()) {
             y.add_(*bias);
         }
@@ -137,23 +127,17 @@ at::Tensor nf4_linear_grad_input_cuda(
     nf4_check_linear_grad_input_args(grad_out, packed, absmax, nested_absmax, nested_code, offset, K, blocksize);
     const c10::cuda::CUDAGuard guard(grad_out.device());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    std::vector<int64_t> out_shape = grad_out.sizes().vec();
-    out_shape.back() = K;
+    const std::vector<int64_t> out_shape = nf4_shape_with_last(grad_out.sizes(), K);
     const at::Tensor g2 = grad_out.reshape({-1, N}).contiguous();
-    const int64_t M = g2.size(0);
-    at::Tensor gx = at::empty({M, K}, grad_out.options());
-    if (M == 0) {
-        return gx.view(out_shape);
-    }
-    const CudaWeight w(packed, absmax, nested_absmax, nested_code, offset, blocksize);
-    const int64_t cols = std::clamp<int64_t>(kTileElems / N, 32, K);
-    at::Tensor tile = at::empty({N, cols}, grad_out.options().dtype(tile_dtype(grad_out.scalar_type())));
-    for (int64_t k0 = 0; k0 < K; k0 += cols) {
-        const int64_t c = std::min(cols, K - k0);
-        at::Tensor t = c == cols ? tile : at::empty({N, c}, tile.options());
-        launch_tile({w.view, K, 0, k0, N, c, t.data_ptr()}, t.scalar_type(), stream);
-        at::Tensor gxt = gx.narrow(1, k0, c);
-        at::mm_out(gxt, g2, grad_out.scalar_type() == at::kDouble ? t.to(at::kDouble) : t);
+    at::Tensor gx = at::empty({g2.size(0), K}, grad_out.options());
+    if (g2.size(0) > 0) {
+        const CudaWeight w(packed, absmax, nested_absmax, nested_code, offset, blocksize);
+        nf4_grad_input_tiled(
+            g2, gx, N, K, kTileElems,
+            [&](int64_t n0, int64_t rows, int64_t k0, int64_t cols, at::Tensor& t) {
+                launch_tile({w.view, K, n0, k0, rows, cols, t.data_ptr()}, t.scalar_type(), stream);
+            }
+        );
     }
     return gx.view(out_shape);
 }
