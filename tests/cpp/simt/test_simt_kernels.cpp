@@ -268,9 +268,9 @@ TEST(SimtKernelsTest, GemvKernelMatchesCpuLinearWithinSummationBound) {
 
 // Every `__global__` function declared under csrc/cuda must be named in this file (so it has a harness test).
 TEST(SimtKernelsTest, EveryKernelHasAHarnessTest) {
-    const std::filesystem::path here = std::filesystem::path(__FILE__);
-    const std::filesystem::path cuda_dir =
-        here.parent_path().parent_path().parent_path().parent_path() / "csrc" / "cuda";
+    const std::filesystem::path root = QLORA_SOURCE_DIR;
+    const std::filesystem::path here = root / "tests" / "cpp" / "simt" / "test_simt_kernels.cpp";
+    const std::filesystem::path cuda_dir = root / "csrc" / "cuda";
     ASSERT_TRUE(std::filesystem::is_directory(cuda_dir)) << cuda_dir;
     std::ifstream self(here);
     std::stringstream self_text;
