@@ -17,6 +17,7 @@
 
 #include "../cpu/dynamic8_cpu.h"
 #include "../nf4_checks.h"
+#include "cuda_weight.h"
 #include "nf4_kernels.cuh"
 
 namespace qlora::cuda {
@@ -93,27 +94,8 @@ void dequantize_into(
 ) {
     check_cuda(packed, "qlora::nf4_dequantize", "packed");
     const c10::cuda::CUDAGuard guard(packed.device());
-    const at::Tensor packed_c = packed.contiguous();
-    const at::Tensor absmax_c = absmax.contiguous();
-    at::Tensor nested_absmax_c;
-    at::Tensor nested_code_c;
-    at::Tensor offset_c;
-    Nf4DequantizeParams p{};
-    p.packed = packed_c.const_data_ptr<uint8_t>();
-    if (absmax_c.scalar_type() == at::kFloat) {
-        p.absmax_f32 = absmax_c.const_data_ptr<float>();
-    } else {
-        nested_absmax_c = nested_absmax->contiguous();
-        nested_code_c = nested_code->contiguous();
-        offset_c = offset->contiguous();
-        p.absmax_q = absmax_c.const_data_ptr<uint8_t>();
-        p.nested_absmax = nested_absmax_c.const_data_ptr<float>();
-        p.nested_code = nested_code_c.const_data_ptr<float>();
-        p.offset = offset_c.const_data_ptr<float>();
-    }
-    p.n = n;
-    p.blocksize = blocksize;
-    p.out = out.data_ptr();
+    const CudaWeight w(packed, absmax, nested_absmax, nested_code, offset, blocksize);
+    const Nf4DequantizeParams p{w.view, n, out.data_ptr()};
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     switch (out.scalar_type()) {
     case at::kFloat:

@@ -16,6 +16,7 @@
 #include "../core/nf4.h"
 #include "convert.cuh"
 #include "launch.cuh"
+#include "nf4_weight.cuh"
 
 namespace qlora::cuda {
 
@@ -126,15 +127,9 @@ inline void dynamic8_quantize_launch(const Dynamic8QuantizeParams& p, cudaStream
 // NF4 dequantize
 
 struct Nf4DequantizeParams {
-    const uint8_t* packed;      // [(n + 1) / 2]
-    const float* absmax_f32;    // [NB], or nullptr when double-quantized
-    const uint8_t* absmax_q;    // [NB] nested codes (double-quantized)
-    const float* nested_absmax; // [NB2]
-    const float* nested_code;   // [256]
-    const float* offset;        // [1]
-    int64_t n;
-    int64_t blocksize;
-    void* out; // [n] of T
+    Nf4WeightView w; // the NF4 tensor
+    int64_t n;       // elements
+    void* out;       // [n] of T
 };
 
 inline constexpr int kNf4DequantizeThreads = 256;
@@ -145,13 +140,8 @@ template <typename T> __global__ void nf4_dequantize_kernel(Nf4DequantizeParams 
     for (int64_t byte = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; byte < nbytes;
          byte += static_cast<int64_t>(gridDim.x) * blockDim.x) {
         const int64_t i = 2 * byte;
-        const int64_t b = i / p.blocksize;
-        const float a = (p.absmax_f32 != nullptr) ? p.absmax_f32[b]
-                                                  : core::double_quant_absmax(
-                                                        p.nested_code, p.absmax_q[b],
-                                                        p.nested_absmax[b / core::kDoubleQuantBlockSize], *p.offset
-                                                    );
-        const uint8_t v = p.packed[byte];
+        const float a = weight_block_absmax(p.w, i / p.w.blocksize);
+        const uint8_t v = p.w.packed[byte];
         out[i] = from_float<T>(core::nf4_decode(core::nf4_unpack_even(v), a));
         if (i + 1 < p.n) {
             out[i + 1] = from_float<T>(core::nf4_decode(core::nf4_unpack_odd(v), a));

@@ -13,38 +13,13 @@
 
 #include "../nf4_checks.h"
 #include "../nf4_linear_tiled.h"
+#include "cuda_weight.h"
 #include "nf4_linear_kernels.cuh"
 
 namespace qlora::cuda {
 namespace {
 
 constexpr int64_t kTileElems = int64_t{1} << 22; // weights per scratch tile (16 MiB as float32)
-
-// Device tensors of the weight kept alive while kernels read them.
-struct CudaWeight {
-    at::Tensor packed, absmax, nested_absmax, nested_code, offset;
-    Nf4WeightView view{};
-
-    CudaWeight(
-        const at::Tensor& packed_, const at::Tensor& absmax_, const std::optional<at::Tensor>& nested_absmax_,
-        const std::optional<at::Tensor>& nested_code_, const std::optional<at::Tensor>& offset_, int64_t blocksize
-    )
-        : packed(packed_.contiguous()), absmax(absmax_.contiguous()) {
-        view.packed = packed.const_data_ptr<uint8_t>();
-        view.blocksize = blocksize;
-        if (absmax.scalar_type() == at::kFloat) {
-            view.absmax_f32 = absmax.const_data_ptr<float>();
-        } else {
-            nested_absmax = nested_absmax_->contiguous();
-            nested_code = nested_code_->contiguous();
-            offset = offset_->contiguous();
-            view.absmax_q = absmax.const_data_ptr<uint8_t>();
-            view.nested_absmax = nested_absmax.const_data_ptr<float>();
-            view.nested_code = nested_code.const_data_ptr<float>();
-            view.offset = offset.const_data_ptr<float>();
-        }
-    }
-};
 
 void launch_tile(const Nf4TileParams& p, at::ScalarType dt, cudaStream_t stream) {
     switch (dt) {

@@ -10,40 +10,14 @@
 // No ATen (Note [CUDA kernel rules] in launch.cuh).
 #pragma once
 
-#include "../core/dynamic8.h"
-#include "../core/nf4.h"
 #include "convert.cuh"
 #include "launch.cuh"
+#include "nf4_weight.cuh"
 
 namespace qlora::cuda {
 
 inline constexpr int kGemvMaxM = 16;
 inline constexpr int kGemvThreads = 256; // 8 warps = 8 output rows per block
-
-// Where a block's absmax comes from (plain float32, or double-quantized), as in Nf4DequantizeParams.
-struct Nf4WeightView {
-    const uint8_t* packed;
-    const float* absmax_f32;
-    const uint8_t* absmax_q;
-    const float* nested_absmax;
-    const float* nested_code;
-    const float* offset;
-    int64_t blocksize;
-};
-
-__device__ QLORA_INLINE float weight_block_absmax(const Nf4WeightView& w, int64_t b) {
-    return (w.absmax_f32 != nullptr)
-               ? w.absmax_f32[b]
-               : core::double_quant_absmax(
-                     w.nested_code, w.absmax_q[b], w.nested_absmax[b / core::kDoubleQuantBlockSize], *w.offset
-                 );
-}
-
-__device__ QLORA_INLINE float weight_at(const Nf4WeightView& w, int64_t i) {
-    const uint8_t v = w.packed[i / 2];
-    const int code = (i % 2 == 0) ? core::nf4_unpack_even(v) : core::nf4_unpack_odd(v);
-    return core::nf4_decode(code, weight_block_absmax(w, i / w.blocksize));
-}
 
 // --------------------------------------------------------------------------------------------------------------
 // Small-M fused kernel

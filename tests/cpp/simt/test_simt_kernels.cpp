@@ -148,6 +148,21 @@ TEST(SimtKernelsTest, Dynamic8QuantizeKernelMatchesCpu) {
     }
 }
 
+cuda::Nf4WeightView weight_view(const qlora::Nf4Tensor& q) {
+    cuda::Nf4WeightView v{};
+    v.packed = q.packed.const_data_ptr<uint8_t>();
+    v.blocksize = q.blocksize;
+    if (q.double_quantized()) {
+        v.absmax_q = q.absmax.const_data_ptr<uint8_t>();
+        v.nested_absmax = q.nested_absmax.const_data_ptr<float>();
+        v.nested_code = q.nested_code.const_data_ptr<float>();
+        v.offset = q.offset.const_data_ptr<float>();
+    } else {
+        v.absmax_f32 = q.absmax.const_data_ptr<float>();
+    }
+    return v;
+}
+
 template <typename T> void check_dequantize_kernel(bool double_quant) {
     const at::ScalarType dt = scalar_type_of<T>();
     for (int64_t n : kSizes) {
@@ -157,19 +172,7 @@ template <typename T> void check_dequantize_kernel(bool double_quant) {
             const at::Tensor ref = qlora::nf4_dequantize(q, dt);
             for (int64_t max_blocks : kMaxBlocks) {
                 at::Tensor out = at::full({n}, 1234.0f).to(dt);
-                cuda::Nf4DequantizeParams p{};
-                p.packed = q.packed.const_data_ptr<uint8_t>();
-                if (double_quant) {
-                    p.absmax_q = q.absmax.const_data_ptr<uint8_t>();
-                    p.nested_absmax = q.nested_absmax.const_data_ptr<float>();
-                    p.nested_code = q.nested_code.const_data_ptr<float>();
-                    p.offset = q.offset.const_data_ptr<float>();
-                } else {
-                    p.absmax_f32 = q.absmax.const_data_ptr<float>();
-                }
-                p.n = n;
-                p.blocksize = bs;
-                p.out = out.data_ptr();
+                const cuda::Nf4DequantizeParams p{weight_view(q), n, out.data_ptr()};
                 cuda::nf4_dequantize_launch<T>(p, nullptr, max_blocks);
                 // Bitwise: compare the raw bytes (an all-zero block dequantizes to -0.0, which == would not tell
                 // apart).
@@ -192,21 +195,6 @@ TEST(SimtKernelsTest, Nf4DequantizeKernelMatchesCpuBfloat16) {
 TEST(SimtKernelsTest, Nf4DequantizeKernelMatchesCpuHalf) {
     check_dequantize_kernel<__half>(false);
     check_dequantize_kernel<__half>(true);
-}
-
-cuda::Nf4WeightView weight_view(const qlora::Nf4Tensor& q) {
-    cuda::Nf4WeightView v{};
-    v.packed = q.packed.const_data_ptr<uint8_t>();
-    v.blocksize = q.blocksize;
-    if (q.double_quantized()) {
-        v.absmax_q = q.absmax.const_data_ptr<uint8_t>();
-        v.nested_absmax = q.nested_absmax.const_data_ptr<float>();
-        v.nested_code = q.nested_code.const_data_ptr<float>();
-        v.offset = q.offset.const_data_ptr<float>();
-    } else {
-        v.absmax_f32 = q.absmax.const_data_ptr<float>();
-    }
-    return v;
 }
 
 TEST(SimtKernelsTest, DequantizeTileKernelMatchesCpuDequantize) {
