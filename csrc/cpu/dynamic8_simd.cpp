@@ -3,13 +3,7 @@
 
 #include "../core/dynamic8.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized" // GCC 12 avx512fintrin.h, see nf4_simd.cpp
-#endif
-#include <immintrin.h>
-#define QLORA_X86 1
-#endif
+#include "simd_x86.h"
 
 namespace qlora::cpu {
 namespace {
@@ -23,8 +17,7 @@ void encode_run_scalar(const float* code, const float* x, float scale, int64_t n
 #if defined(QLORA_X86)
 
 // core::dynamic8_encode on 16 lanes. Every scalar branch becomes a masked move; map entries are gathered.
-__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl"))) void
-encode_run_avx512(const float* code, const float* x, float scale, int64_t n, uint8_t* q) {
+QLORA_AVX512 void encode_run_avx512(const float* code, const float* x, float scale, int64_t n, uint8_t* q) {
     const __m512 sv = _mm512_set1_ps(scale);
     const __m512 half = _mm512_set1_ps(0.5f);
     const __m512 code0 = _mm512_set1_ps(code[0]);
@@ -62,13 +55,12 @@ encode_run_avx512(const float* code, const float* x, float scale, int64_t n, uin
     encode_run_scalar(code, x + i, scale, n - i, q + i);
 }
 
-__attribute__((target("avx2"))) inline __m256i blend_i(__m256i a, __m256i b, __m256 mask) {
+QLORA_AVX2 inline __m256i blend_i(__m256i a, __m256i b, __m256 mask) {
     return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(a), _mm256_castsi256_ps(b), mask));
 }
 
 // The same on 8 lanes; AVX2 compares give all-ones lanes, so masked moves are blends.
-__attribute__((target("avx2,fma"))) void
-encode_run_avx2(const float* code, const float* x, float scale, int64_t n, uint8_t* q) {
+QLORA_AVX2 void encode_run_avx2(const float* code, const float* x, float scale, int64_t n, uint8_t* q) {
     const __m256 sv = _mm256_set1_ps(scale);
     const __m256 half = _mm256_set1_ps(0.5f);
     const __m256 code0 = _mm256_set1_ps(code[0]);

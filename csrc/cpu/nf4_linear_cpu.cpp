@@ -24,13 +24,7 @@
 #include "nf4_simd.h"
 #include "nf4_weight_cpu.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized" // GCC 12 avx512fintrin.h, see nf4_simd.cpp
-#endif
-#include <immintrin.h>
-#define QLORA_X86 1
-#endif
+#include "simd_x86.h"
 
 namespace qlora::cpu {
 namespace {
@@ -103,15 +97,7 @@ void fused_rows_scalar(
 }
 
 #if defined(QLORA_X86)
-#define QLORA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma")))
-
-QLORA_AVX512 inline __m512 load16x(const float* p) {
-    return _mm512_loadu_ps(p);
-}
-QLORA_AVX512 inline __m512 load16x(const c10::BFloat16* p) {
-    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-}
+using namespace simd;
 
 // The same with 32 weights per step decoded in registers: codes -> LUT (vpermps) -> * absmax -> FMA into M sums.
 template <int M, typename TX>
@@ -158,8 +144,8 @@ QLORA_AVX512 void fused_rows_avx512(
                 const __m512 w1 =
                     _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_permutex2var_epi32(hi, perm_hi, lo), lut), av);
                 for (int m = 0; m < M; ++m) {
-                    acc[m] = _mm512_fmadd_ps(load16x(x + m * K + k), w0, acc[m]);
-                    acc[m] = _mm512_fmadd_ps(load16x(x + m * K + k + 16), w1, acc[m]);
+                    acc[m] = _mm512_fmadd_ps(load16(x + m * K + k), w0, acc[m]);
+                    acc[m] = _mm512_fmadd_ps(load16(x + m * K + k + 16), w1, acc[m]);
                 }
             }
             for (; k < e; ++k) {
@@ -265,14 +251,6 @@ void fused_rows_avx512_aligned_dispatch(
     }
 }
 
-#define QLORA_AVX2 __attribute__((target("avx2,fma")))
-
-QLORA_AVX2 inline __m256 lookup16_avx2(__m256i idx, __m256 lut_lo, __m256 lut_hi) {
-    const __m256 lo = _mm256_permutevar8x32_ps(lut_lo, idx);
-    const __m256 hi = _mm256_permutevar8x32_ps(lut_hi, idx);
-    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
-}
-
 QLORA_AVX2 inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -307,8 +285,8 @@ QLORA_AVX2 void fused_rows_avx2_aligned(
                 for (int half = 0; half < 2; ++half) {
                     const __m256i wb =
                         _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2 + 8 * half)));
-                    const __m256 w_even = lookup16_avx2(_mm256_srli_epi32(wb, 4), lut_lo, lut_hi);
-                    const __m256 w_odd = lookup16_avx2(_mm256_and_si256(wb, low4), lut_lo, lut_hi);
+                    const __m256 w_even = lookup16(_mm256_srli_epi32(wb, 4), lut_lo, lut_hi);
+                    const __m256 w_odd = lookup16(_mm256_and_si256(wb, low4), lut_lo, lut_hi);
                     for (int m = 0; m < M; ++m) {
                         blk[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xd + m * K + k + 8 * half), w_even, blk[m]);
                         blk[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xd + m * K + k + 16 + 8 * half), w_odd, blk[m]);

@@ -5,17 +5,13 @@
 #include <cfloat>
 #include <cstring>
 
-#if defined(__x86_64__) || defined(__i386__)
-// GCC 12's AVX-512 headers build some results from _mm512_undefined_*() and then warn about them
-// (-Wmaybe-uninitialized inside avx512fintrin.h); the warning is about the header, not this code.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-#include <immintrin.h>
-#define QLORA_X86 1
-#endif
+#include "simd_x86.h"
 
 namespace qlora::cpu {
+
+#if defined(QLORA_X86)
+using namespace simd;
+#endif
 
 using core::kNf4PadValue;
 using core::nf4_encode_scaled;
@@ -68,38 +64,7 @@ static void nf4_dequantize_span_scalar(const uint8_t* packed, float a, int64_t s
 // --------------------------------------------------------------------------------------------------------------
 // AVX-512 (F, BW, DQ, VL)
 
-#define QLORA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,f16c")))
-
 namespace {
-
-QLORA_AVX512 inline __m512 load16(const float* p) {
-    return _mm512_loadu_ps(p);
-}
-QLORA_AVX512 inline __m512 load16(const c10::BFloat16* p) {
-    const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-}
-QLORA_AVX512 inline __m512 load16(const c10::Half* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-
-QLORA_AVX512 inline void store16(float* p, __m512 v) {
-    _mm512_storeu_ps(p, v);
-}
-// Round to nearest even, NaN -> 0x7fc0: the same rule as c10::BFloat16(float), which the scalar path uses.
-QLORA_AVX512 inline void store16(c10::BFloat16* p, __m512 v) {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-}
-// IEEE round to nearest even, as c10::Half(float).
-QLORA_AVX512 inline void store16(c10::Half* p, __m512 v) {
-    _mm256_storeu_si256(
-        reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-    );
-}
 
 // nf4_encode on 16 lanes: the same 4-level search over the threshold table (kNf4Threshold has a +inf pad at 15).
 QLORA_AVX512 inline __m512i encode16(__m512 y, __m512 thr) {
@@ -196,39 +161,7 @@ QLORA_AVX512 static void nf4_dequantize_span_avx512(const uint8_t* packed, float
 // --------------------------------------------------------------------------------------------------------------
 // AVX2 (+ FMA, F16C)
 
-#define QLORA_AVX2 __attribute__((target("avx2,fma,f16c")))
-
 namespace {
-
-QLORA_AVX2 inline __m256 load8(const float* p) {
-    return _mm256_loadu_ps(p);
-}
-QLORA_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-    const __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
-}
-QLORA_AVX2 inline __m256 load8(const c10::Half* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
-QLORA_AVX2 inline void store8(float* p, __m256 v) {
-    _mm256_storeu_ps(p, v);
-}
-QLORA_AVX2 inline void store8(c10::BFloat16* p, __m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
-    const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
-    r = _mm256_castps_si256(
-        _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0)), nan)
-    );
-    // r holds values <= 0xffff, so the unsigned saturation of packus never changes them.
-    const __m256i p16 = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(p16));
-}
-QLORA_AVX2 inline void store8(c10::Half* p, __m256 v) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
 
 // nf4_encode on 8 lanes: count the thresholds below y (each compare is all-ones where y > t_j, i.e. -1).
 QLORA_AVX2 inline __m256i encode8(__m256 y) {
@@ -259,13 +192,6 @@ QLORA_AVX2 inline float reduce_max8(__m256 v) {
     m = _mm_max_ps(m, _mm_movehl_ps(m, m));
     m = _mm_max_ss(m, _mm_movehdup_ps(m));
     return _mm_cvtss_f32(m);
-}
-
-// 16-entry table lookup on 8 lanes from two 8-entry halves.
-QLORA_AVX2 inline __m256 lookup16(__m256i idx, __m256 lut_lo, __m256 lut_hi) {
-    const __m256 lo = _mm256_permutevar8x32_ps(lut_lo, idx);
-    const __m256 hi = _mm256_permutevar8x32_ps(lut_hi, idx);
-    return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7))));
 }
 
 } // namespace

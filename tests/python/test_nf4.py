@@ -385,7 +385,7 @@ class TestNf4Ops:
     def test_autograd_is_refused_not_silently_dropped(self):
         w = torch.randn(64, 64, requires_grad=True)
         q = torch.ops.qlora.nf4_quantize(w, 64, False, None)
-        with pytest.raises(RuntimeError, match="not implemented|does not require grad"):
+        with pytest.raises(RuntimeError, match="derivative for qlora::nf4_quantize is not implemented"):
             q[1].sum().backward()
 
 
