@@ -72,6 +72,25 @@ TORCH_LIBRARY(qlora, m) {
           "Tensor? offset, int out_features, int blocksize=64, Tensor? bias=None, Tensor? lora_a=None, "
           "Tensor? lora_b=None, float lora_scale=1.0, Tensor? lora_input=None) -> Tensor");
 
+    // One AdamW step of one tensor with 8-bit blockwise states, bitsandbytes' AdamW8bit layout (spec §4.2; Note
+    // [AdamW8 update order] in core/adamw.h): param, state1, state2, absmax1 and absmax2 are updated in place (shapes
+    // in adamw_checks.h). `step` is t >= 1, counting this update. Non-finite gradient elements reset their moments
+    // and leave their parameter alone (Note [Non-finite gradients]).
+    m.def("adamw8bit_step(Tensor(a!) param, Tensor grad, Tensor(b!) state1, Tensor(c!) state2, Tensor(d!) absmax1, "
+          "Tensor(e!) absmax2, Tensor qmap1, Tensor qmap2, int step, float lr, float beta1=0.9, float beta2=0.999, "
+          "float eps=1e-8, float weight_decay=0.0) -> ()");
+    // The same with float32 states exp_avg (m) and exp_avg_sq (v) shaped like param: bitsandbytes' 32-bit AdamW
+    // (spec §4.5), used for tensors below 4096 elements and by the 32-bit optimizers.
+    m.def("adamw32bit_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, int step, "
+          "float lr, float beta1=0.9, float beta2=0.999, float eps=1e-8, float weight_decay=0.0) -> ()");
+    // Zero-filled optimizer state with like's shape and device and the given dtype. On CUDA it is managed memory
+    // (cudaMallocManaged), which the driver may evict to host RAM when the GPU runs out of memory; on the CPU it is
+    // ordinary memory.
+    m.def("paged_zeros(Tensor like, ScalarType dtype) -> Tensor");
+    // Asks the driver to move a paged state to its GPU ahead of the step (cudaMemPrefetchAsync on the current stream;
+    // a no-op where the device cannot prefetch, and on the CPU).
+    m.def("paged_prefetch(Tensor state) -> ()");
+
     // Utilities (one kernel for every backend; excluded from opcheck, see tests/python/test_nf4.py).
     // The 16 NF4 code values (bitsandbytes' `quant_map`), float32 [16] on CPU.
     m.def("nf4_code() -> Tensor", &nf4_code);
@@ -92,6 +111,9 @@ TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
     m.impl("nf4_dequantize_into", torch::autograd::autogradNotImplementedFallback());
     m.impl("nf4_linear", torch::autograd::autogradNotImplementedFallback());
     m.impl("nf4_linear_grad_input", torch::autograd::autogradNotImplementedFallback());
+    // Optimizer steps run under no_grad; the fallback also bumps the version counters of the mutated tensors.
+    m.impl("adamw8bit_step", torch::autograd::autogradNotImplementedFallback());
+    m.impl("adamw32bit_step", torch::autograd::autogradNotImplementedFallback());
 }
 
 } // namespace qlora

@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "adamw_checks.h"
 #include "nf4_checks.h"
 
 namespace qlora {
@@ -85,9 +86,36 @@ at::Tensor nf4_linear_grad_input_meta(
     return at::empty_symint(shape, grad_out.options());
 }
 
+void adamw8bit_step_meta(
+    at::Tensor& param, const at::Tensor& grad, at::Tensor& state1, at::Tensor& state2, at::Tensor& absmax1,
+    at::Tensor& absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2, int64_t step, double lr, double beta1,
+    double beta2, double eps, double weight_decay
+) {
+    adamw8_check_args(
+        param, grad, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr, beta1, beta2, eps, weight_decay
+    );
+}
+
+void adamw32bit_step_meta(
+    at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, int64_t step, double lr,
+    double beta1, double beta2, double eps, double weight_decay
+) {
+    adamw32_check_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay);
+}
+
+at::Tensor paged_zeros_meta(const at::Tensor& like, at::ScalarType dtype) {
+    return at::empty_symint(like.sym_sizes(), like.options().dtype(dtype));
+}
+
+void paged_prefetch_meta(const at::Tensor&) {}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(qlora, Meta, m) {
+    m.impl("adamw8bit_step", &adamw8bit_step_meta);
+    m.impl("adamw32bit_step", &adamw32bit_step_meta);
+    m.impl("paged_zeros", &paged_zeros_meta);
+    m.impl("paged_prefetch", &paged_prefetch_meta);
     m.impl("nf4_quantize", &nf4_quantize_meta);
     m.impl("nf4_dequantize", &nf4_dequantize_meta);
     m.impl("nf4_linear", &nf4_linear_meta);

@@ -69,6 +69,16 @@ QLORA_HD QLORA_INLINE float fdiv_rn(float a, float b) {
 #endif
 }
 
+// Correctly rounded square root (IEEE sqrt is exact-rounded on both sides; the device default is not under
+// --use_fast_math, hence the explicit intrinsic).
+QLORA_HD QLORA_INLINE float fsqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+    return __fsqrt_rn(a);
+#else
+    return __builtin_sqrtf(a);
+#endif
+}
+
 QLORA_HD QLORA_INLINE float float_from_bits(uint32_t u) {
 #if defined(__CUDA_ARCH__)
     return __uint_as_float(u);

@@ -6,9 +6,10 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 // GCC 12's AVX-512 headers build some results from _mm512_undefined_*() and then warn about them
-// (-Wmaybe-uninitialized inside avx512fintrin.h); the warning is about the header, not the code including this file.
+// (-W[maybe-]uninitialized inside avx512fintrin.h); the warning is about the header, not the code including this file.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #endif
 #include <immintrin.h>
 
@@ -38,19 +39,45 @@ QLORA_AVX512 inline __m512 load16(const c10::Half* p) {
 QLORA_AVX512 inline void store16(float* p, __m512 v) {
     _mm512_storeu_ps(p, v);
 }
-// Round to nearest even, NaN -> 0x7fc0: the same rule as c10::BFloat16(float), which the scalar path uses.
-QLORA_AVX512 inline void store16(c10::BFloat16* p, __m512 v) {
+// bfloat16 bit patterns of 16 floats: round to nearest even, NaN -> 0x7fc0, the same rule as c10::BFloat16(float),
+// which the scalar path uses.
+QLORA_AVX512 inline __m256i bf16_bits16(__m512 v) {
     const __m512i u = _mm512_castps_si512(v);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
     r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+    return _mm512_cvtepi32_epi16(r);
+}
+QLORA_AVX512 inline void store16(c10::BFloat16* p, __m512 v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits16(v));
 }
 // IEEE round to nearest even, as c10::Half(float).
 QLORA_AVX512 inline void store16(c10::Half* p, __m512 v) {
     _mm256_storeu_si256(
         reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
     );
+}
+
+// Masked stores: only lanes set in k are written, with the same rounding as store16.
+QLORA_AVX512 inline void store16_mask(float* p, __mmask16 k, __m512 v) {
+    _mm512_mask_storeu_ps(p, k, v);
+}
+QLORA_AVX512 inline void store16_mask(c10::BFloat16* p, __mmask16 k, __m512 v) {
+    _mm256_mask_storeu_epi16(p, k, bf16_bits16(v));
+}
+QLORA_AVX512 inline void store16_mask(c10::Half* p, __mmask16 k, __m512 v) {
+    _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// v rounded to T's precision and widened back to float32 (the value store16 would write, still in a register).
+QLORA_AVX512 inline __m512 round16(__m512 v, const float*) {
+    return v;
+}
+QLORA_AVX512 inline __m512 round16(__m512 v, const c10::BFloat16*) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits16(v)), 16));
+}
+QLORA_AVX512 inline __m512 round16(__m512 v, const c10::Half*) {
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
 // --------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,347 @@
+// csrc/cpu/adamw_simd.cpp: see adamw_simd.h. Note [AdamW8 update order] (core/adamw.h) is the algorithm.
+#include "adamw_simd.h"
+
+#include <algorithm>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "simd_x86.h"
+
+namespace qlora::cpu {
+namespace {
+
+using core::kAdamw8BlockSize;
+
+// --------------------------------------------------------------------------------------------------------------
+// Scalar reference
+
+template <typename T> void adamw_store_param(T* p, float delta, const core::AdamwScalars& s) {
+    const T stepped = static_cast<T>(core::adamw_apply_delta(static_cast<float>(*p), delta));
+    *p = s.has_decay ? static_cast<T>(core::adamw_decay(static_cast<float>(stepped), s)) : stepped;
+}
+
+template <typename T>
+void adamw8_block_scalar(const core::Adamw8Params<T>& P, const Dynamic8Lut* lut1, const Dynamic8Lut* lut2, int64_t b) {
+    const core::AdamwScalars& s = P.scalars;
+    const int64_t s0 = b * kAdamw8BlockSize;
+    const int len = static_cast<int>(std::min<int64_t>(kAdamw8BlockSize, P.n - s0));
+    float m[kAdamw8BlockSize];
+    float v[kAdamw8BlockSize];
+    bool finite[kAdamw8BlockSize];
+    const float a1_old = P.absmax1[b];
+    const float a2_old = P.absmax2[b];
+    float a1 = 0.0f;
+    float a2 = 0.0f;
+    for (int j = 0; j < len; ++j) {
+        const int64_t i = s0 + j;
+        m[j] = core::dynamic8_decode(P.qmap1, P.state1[i], a1_old);
+        v[j] = core::dynamic8_decode(P.qmap2, P.state2[i], a2_old);
+        finite[j] = core::adamw_update_moments(static_cast<float>(P.grad[i]), &m[j], &v[j], s);
+        a1 = core::absmax_update(a1, m[j]);
+        a2 = core::absmax_update(a2, v[j]);
+    }
+    if (len < kAdamw8BlockSize) {
+        a1 = core::absmax_merge(a1, core::adamw8_padding_m(P.qmap1, a1_old, s));
+    }
+    P.absmax1[b] = a1;
+    P.absmax2[b] = a2;
+    const float scale1 = core::block_scale(a1);
+    const float scale2 = core::block_scale(a2);
+    for (int j = 0; j < len; ++j) {
+        const int64_t i = s0 + j;
+        if (finite[j]) {
+            adamw_store_param(P.param + i, core::adamw_delta(m[j], v[j], s), s);
+        }
+        if (lut1 != nullptr) {
+            const uint8_t c1 = dynamic8_lut_encode(*lut1, core::fmul_rn(m[j], scale1));
+            P.state1[i] = core::adamw8_sign_fix(P.qmap1, c1, m[j]);
+        } else {
+            P.state1[i] = core::adamw8_encode_m(P.qmap1, m[j], scale1);
+        }
+        P.state2[i] = lut2 != nullptr ? dynamic8_lut_encode(*lut2, core::fmul_rn(v[j], scale2))
+                                      : core::adamw8_encode_v(P.qmap2, v[j], scale2);
+    }
+}
+
+template <typename T> void adamw32_range_scalar(const core::Adamw32Params<T>& P, int64_t i0, int64_t i1) {
+    const core::AdamwScalars& s = P.scalars;
+    for (int64_t i = i0; i < i1; ++i) {
+        float m = P.exp_avg[i];
+        float v = P.exp_avg_sq[i];
+        const bool finite = core::adamw_update_moments(static_cast<float>(P.grad[i]), &m, &v, s);
+        P.exp_avg[i] = m;
+        P.exp_avg_sq[i] = v;
+        if (finite) {
+            adamw_store_param(P.param + i, core::adamw_delta(m, v, s), s);
+        }
+    }
+}
+
+#if defined(QLORA_X86)
+
+// --------------------------------------------------------------------------------------------------------------
+// AVX-512
+
+// Note [AdamW8 AVX-512 encoding]
+// The vector kernel handles blocks whose new absmax values are positive, finite and have a finite reciprocal, so
+// every scaled state y = m · scale1 or v · scale2 is finite (|y| <= about 1), and v is never negative (+0 at
+// least); other blocks (all-zero moments, overflow) take the scalar path. Under these conditions the table lookup needs
+// no NaN lane, and bitsandbytes' first-moment sign fix (core::adamw8_sign_fix) reduces to one case: for the
+// mirror-symmetric signed map a code is negative exactly below 127, a positive m never gets a negative code, and a
+// negative m (or -0) gets a non-negative code only as 127 (+0), which the fix turns into 126. So a negative lane's
+// code is min(max(254 - r, 0), 126), r being the code of |y|.
+
+// Code of |y| in the positive half-table (dynamic8_lut_encode before mirroring): one gather per 16 values.
+QLORA_AVX512 inline __m512i lut_code_abs16(const Dynamic8Lut& lut, __m512i abits) {
+    const __m512i low16 = _mm512_set1_epi32(0xffff);
+    __m512i key = _mm512_srli_epi32(abits, Dynamic8Lut::kShift);
+    key = _mm512_min_epu32(
+        _mm512_max_epu32(key, _mm512_set1_epi32(Dynamic8Lut::kKeyMin)), _mm512_set1_epi32(Dynamic8Lut::kKeyMax)
+    );
+    key = _mm512_sub_epi32(key, _mm512_set1_epi32(Dynamic8Lut::kKeyMin));
+    const __m512i e = _mm512_i32gather_epi32(key, lut.entry, 4);
+    const __mmask16 up = _mm512_cmpgt_epu32_mask(_mm512_and_si512(abits, low16), _mm512_and_si512(e, low16));
+    const __m512i r = _mm512_srli_epi32(e, 16);
+    return _mm512_mask_add_epi32(r, up, r, _mm512_set1_epi32(1));
+}
+
+// state1 codes of 16 first moments m (scaled: y = m · scale1), signed table, sign fix included.
+QLORA_AVX512 inline __m512i adamw8_encode_m16(const Dynamic8Lut& lut1, __m512 m, __m512 scale1) {
+    const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(m, scale1));
+    const __m512i r = lut_code_abs16(lut1, _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)));
+    const __m512i mirrored = _mm512_min_epi32(
+        _mm512_max_epi32(_mm512_sub_epi32(_mm512_set1_epi32(254), r), _mm512_setzero_si512()), _mm512_set1_epi32(126)
+    );
+    // The sign of m decides (m and y have the same sign bit: scale1 > 0).
+    return _mm512_mask_mov_epi32(r, _mm512_movepi32_mask(_mm512_castps_si512(m)), mirrored);
+}
+
+// state2 codes of 16 second moments v >= +0 (scaled: y = v · scale2), unsigned table.
+QLORA_AVX512 inline __m512i adamw8_encode_v16(const Dynamic8Lut& lut2, __m512 v, __m512 scale2) {
+    return lut_code_abs16(lut2, _mm512_castps_si512(_mm512_mul_ps(v, scale2)));
+}
+
+// Encodes the multiple-of-16 prefix of x (see adamw8_encode_run); returns its length.
+QLORA_AVX512 int64_t
+adamw8_encode_run_avx512(const Dynamic8Lut& lut, const float* x, float scale, int64_t n, uint8_t* q) {
+    const __m512 sv = _mm512_set1_ps(scale);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + i);
+        const __m512i c = lut.is_signed ? adamw8_encode_m16(lut, xv, sv) : adamw8_encode_v16(lut, xv, sv);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(c));
+    }
+    return i;
+}
+
+// table[idx] for a 256-entry float table and 16 indices in [0, 255] without a gather (gathers dominate the
+// profile otherwise): eight two-register permutes (32 entries each, index bits 0-4) and a selection tree on index
+// bits 5-7.
+QLORA_AVX512 inline __m512 lookup256(const float* table, __m512i idx) {
+    __m512 r[8];
+    for (int k = 0; k < 8; ++k) {
+        r[k] = _mm512_permutex2var_ps(_mm512_loadu_ps(table + 32 * k), idx, _mm512_loadu_ps(table + 32 * k + 16));
+    }
+    const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+    const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+    const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+    const __m512 s0 = _mm512_mask_mov_ps(r[0], b5, r[1]);
+    const __m512 s1 = _mm512_mask_mov_ps(r[2], b5, r[3]);
+    const __m512 s2 = _mm512_mask_mov_ps(r[4], b5, r[5]);
+    const __m512 s3 = _mm512_mask_mov_ps(r[6], b5, r[7]);
+    const __m512 t0 = _mm512_mask_mov_ps(s0, b6, s1);
+    const __m512 t1 = _mm512_mask_mov_ps(s2, b6, s3);
+    return _mm512_mask_mov_ps(t0, b7, t1);
+}
+
+// Running max of |x| as unsigned integers: for non-negative floats the bit order is the value order and any NaN
+// is above +inf, so NaN sticks like in core::absmax_update (only its payload may differ).
+QLORA_AVX512 inline __m512i absmax_bits16(__m512i mx, __m512 x) {
+    return _mm512_max_epu32(mx, _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
+}
+
+QLORA_AVX512 inline __mmask16 finite16(__m512 g) {
+    const __m512i exp_mask = _mm512_set1_epi32(0x7f800000);
+    return _mm512_cmpneq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(g), exp_mask), exp_mask);
+}
+
+// p = T(p + delta), then T(p * decay), written only in lanes k.
+template <typename T>
+QLORA_AVX512 inline void adamw_store_param16(T* p, __mmask16 k, __m512 delta, const core::AdamwScalars& s) {
+    __m512 x = simd::round16(_mm512_add_ps(simd::load16(p), delta), p);
+    if (s.has_decay) {
+        x = _mm512_mul_ps(x, _mm512_set1_ps(s.decay));
+    }
+    simd::store16_mask(p, k, x);
+}
+
+QLORA_AVX512 inline __m512 adamw_delta16(__m512 m, __m512 v, const core::AdamwScalars& s) {
+    const __m512 denom = _mm512_add_ps(_mm512_sqrt_ps(v), _mm512_set1_ps(s.eps_hat));
+    return _mm512_mul_ps(_mm512_set1_ps(s.step_size), _mm512_div_ps(m, denom));
+}
+
+// A block absmax the vector encoder accepts (Note [AdamW8 AVX-512 encoding]).
+inline bool adamw8_vector_absmax(float a) {
+    return a > 0.0f && core::is_finite(a) && core::is_finite(core::block_scale(a));
+}
+
+constexpr int64_t kPrefetchBlocks = 2;
+
+// One full block of 256 elements; lut1 is the signed table, lut2 the unsigned one.
+template <typename T>
+QLORA_AVX512 void
+adamw8_block_avx512(const core::Adamw8Params<T>& P, const Dynamic8Lut& lut1, const Dynamic8Lut& lut2, int64_t b) {
+    const core::AdamwScalars& s = P.scalars;
+    const int64_t s0 = b * kAdamw8BlockSize;
+    constexpr int kVecs = kAdamw8BlockSize / 16;
+    alignas(64) float m[kAdamw8BlockSize];
+    alignas(64) float v[kAdamw8BlockSize];
+    __mmask16 finite[kVecs];
+    const __m512 a1_old = _mm512_set1_ps(P.absmax1[b]);
+    const __m512 a2_old = _mm512_set1_ps(P.absmax2[b]);
+    const __m512 beta1 = _mm512_set1_ps(s.beta1);
+    const __m512 one_minus_beta1 = _mm512_set1_ps(s.one_minus_beta1);
+    const __m512 beta2 = _mm512_set1_ps(s.beta2);
+    const __m512 one_minus_beta2 = _mm512_set1_ps(s.one_minus_beta2);
+    __m512i max1 = _mm512_setzero_si512();
+    __m512i max2 = _mm512_setzero_si512();
+    // Software prefetch of a block a few blocks ahead, one cache line of each stream per iteration.
+    const int64_t ahead = s0 + kPrefetchBlocks * kAdamw8BlockSize;
+    const bool prefetch = ahead + kAdamw8BlockSize <= P.n;
+    for (int j = 0; j < kVecs; ++j) {
+        const int64_t i = s0 + 16 * j;
+        if (prefetch) {
+            _mm_prefetch(reinterpret_cast<const char*>(P.grad + ahead + 16 * j), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(P.param + ahead + 16 * j), _MM_HINT_T0);
+            if (j < 4) {
+                _mm_prefetch(reinterpret_cast<const char*>(P.state1 + ahead + 64 * j), _MM_HINT_T0);
+                _mm_prefetch(reinterpret_cast<const char*>(P.state2 + ahead + 64 * j), _MM_HINT_T0);
+            }
+        }
+        const __m512 g = simd::load16(P.grad + i);
+        const __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.state1 + i)));
+        const __m512i q2 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.state2 + i)));
+        const __m512 m_old = _mm512_mul_ps(lookup256(P.qmap1, q1), a1_old);
+        const __m512 v_old = _mm512_mul_ps(lookup256(P.qmap2, q2), a2_old);
+        const __mmask16 ok = finite16(g);
+        const __m512 mj =
+            _mm512_maskz_mov_ps(ok, _mm512_add_ps(_mm512_mul_ps(m_old, beta1), _mm512_mul_ps(one_minus_beta1, g)));
+        const __m512 vj = _mm512_maskz_mov_ps(
+            ok, _mm512_add_ps(_mm512_mul_ps(v_old, beta2), _mm512_mul_ps(_mm512_mul_ps(one_minus_beta2, g), g))
+        );
+        _mm512_store_ps(m + 16 * j, mj);
+        _mm512_store_ps(v + 16 * j, vj);
+        finite[j] = ok;
+        max1 = absmax_bits16(max1, mj);
+        max2 = absmax_bits16(max2, vj);
+    }
+    const float a1 = core::float_from_bits(static_cast<uint32_t>(_mm512_reduce_max_epu32(max1)));
+    const float a2 = core::float_from_bits(static_cast<uint32_t>(_mm512_reduce_max_epu32(max2)));
+    if (!adamw8_vector_absmax(a1) || !adamw8_vector_absmax(a2)) {
+        adamw8_block_scalar(P, &lut1, &lut2, b); // nothing has been written yet
+        return;
+    }
+    P.absmax1[b] = a1;
+    P.absmax2[b] = a2;
+    const __m512 scale1 = _mm512_set1_ps(core::block_scale(a1));
+    const __m512 scale2 = _mm512_set1_ps(core::block_scale(a2));
+    for (int j = 0; j < kVecs; ++j) {
+        const int64_t i = s0 + 16 * j;
+        const __m512 mj = _mm512_load_ps(m + 16 * j);
+        const __m512 vj = _mm512_load_ps(v + 16 * j);
+        adamw_store_param16(P.param + i, finite[j], adamw_delta16(mj, vj, s), s);
+        const __m512i c1 = adamw8_encode_m16(lut1, mj, scale1);
+        const __m512i c2 = adamw8_encode_v16(lut2, vj, scale2);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(P.state1 + i), _mm512_cvtepi32_epi8(c1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(P.state2 + i), _mm512_cvtepi32_epi8(c2));
+    }
+}
+
+template <typename T> QLORA_AVX512 void adamw32_range_avx512(const core::Adamw32Params<T>& P, int64_t i0, int64_t i1) {
+    const core::AdamwScalars& s = P.scalars;
+    const __m512 beta1 = _mm512_set1_ps(s.beta1);
+    const __m512 one_minus_beta1 = _mm512_set1_ps(s.one_minus_beta1);
+    const __m512 beta2 = _mm512_set1_ps(s.beta2);
+    const __m512 one_minus_beta2 = _mm512_set1_ps(s.one_minus_beta2);
+    int64_t i = i0;
+    for (; i + 16 <= i1; i += 16) {
+        const __m512 g = simd::load16(P.grad + i);
+        const __mmask16 ok = finite16(g);
+        const __m512 mj = _mm512_maskz_mov_ps(
+            ok, _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(P.exp_avg + i), beta1), _mm512_mul_ps(one_minus_beta1, g))
+        );
+        const __m512 vj = _mm512_maskz_mov_ps(
+            ok, _mm512_add_ps(
+                    _mm512_mul_ps(_mm512_loadu_ps(P.exp_avg_sq + i), beta2),
+                    _mm512_mul_ps(_mm512_mul_ps(one_minus_beta2, g), g)
+                )
+        );
+        _mm512_storeu_ps(P.exp_avg + i, mj);
+        _mm512_storeu_ps(P.exp_avg_sq + i, vj);
+        adamw_store_param16(P.param + i, ok, adamw_delta16(mj, vj, s), s);
+    }
+    adamw32_range_scalar(P, i, i1);
+}
+
+#endif
+
+} // namespace
+
+template <typename T>
+void adamw8_blocks(
+    CpuIsa isa, const core::Adamw8Params<T>& params, const Dynamic8Lut* lut1, const Dynamic8Lut* lut2, int64_t b0,
+    int64_t b1
+) {
+#if defined(QLORA_X86)
+    if (isa == CpuIsa::kAvx512 && lut1 != nullptr && lut2 != nullptr && lut1->is_signed && !lut2->is_signed) {
+        const int64_t full_blocks = params.n / kAdamw8BlockSize;
+        int64_t b = b0;
+        for (; b < std::min(b1, full_blocks); ++b) {
+            adamw8_block_avx512(params, *lut1, *lut2, b);
+        }
+        for (; b < b1; ++b) {
+            adamw8_block_scalar(params, lut1, lut2, b);
+        }
+        return;
+    }
+#endif
+    for (int64_t b = b0; b < b1; ++b) {
+        adamw8_block_scalar(params, lut1, lut2, b);
+    }
+}
+
+template <typename T> void adamw32_range(CpuIsa isa, const core::Adamw32Params<T>& params, int64_t i0, int64_t i1) {
+#if defined(QLORA_X86)
+    if (isa == CpuIsa::kAvx512) {
+        adamw32_range_avx512(params, i0, i1);
+        return;
+    }
+#endif
+    adamw32_range_scalar(params, i0, i1);
+}
+
+void adamw8_encode_run(CpuIsa isa, const Dynamic8Lut& lut, const float* x, float scale, int64_t n, uint8_t* q) {
+    int64_t i = 0;
+#if defined(QLORA_X86)
+    if (isa == CpuIsa::kAvx512) {
+        i = adamw8_encode_run_avx512(lut, x, scale, n, q);
+    }
+#endif
+    for (; i < n; ++i) {
+        const uint8_t c = dynamic8_lut_encode(lut, core::fmul_rn(x[i], scale));
+        q[i] = lut.is_signed ? (c == 127 && (core::bits_from_float(x[i]) >> 31) != 0 ? 126 : c) : c;
+    }
+}
+
+#define QLORA_INSTANTIATE_ADAMW(T)                                                                                     \
+    template void adamw8_blocks<T>(                                                                                    \
+        CpuIsa, const core::Adamw8Params<T>&, const Dynamic8Lut*, const Dynamic8Lut*, int64_t, int64_t                 \
+    );                                                                                                                 \
+    template void adamw32_range<T>(CpuIsa, const core::Adamw32Params<T>&, int64_t, int64_t);
+QLORA_INSTANTIATE_ADAMW(float)
+QLORA_INSTANTIATE_ADAMW(c10::BFloat16)
+QLORA_INSTANTIATE_ADAMW(c10::Half)
+#undef QLORA_INSTANTIATE_ADAMW
+
+} // namespace qlora::cpu

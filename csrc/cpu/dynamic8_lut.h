@@ -1,0 +1,47 @@
+// csrc/cpu/dynamic8_lut.h: constant-time nearest-code lookup in a dynamic 8-bit map, the CPU's replacement for the
+// 8-step binary search of core::dynamic8_encode, with the same results.
+//
+// Note [Bucketed nearest code]
+// The maps are float-like (a few linear segments per decade), so the top bits of |y| narrow the answer to at most
+// two neighbouring codes. key = bits(|y|) >> 16 (exponent and the top 7 mantissa bits) picks one of kBuckets
+// buckets (every |y| below 2^-24 shares the first one, every |y| >= 1 the last one). The builder proves for each
+// bucket, with the search itself, that its lowest and highest values are at most one code apart; since the search
+// is monotone, the answer in the bucket is then c or c + 1 (c = the code of its lowest value), split at the float32
+// midpoint fl((map[c] + map[c + 1]) * 0.5) that the search compares with, ties going to the even code (the search's
+// final pivot is always even). That midpoint lies in the bucket, so it shares the bucket's top 16 bits and only its
+// low 16 bits need storing: entry = c << 16 | t, and the answer is c + ((bits(|y|) & 0xffff) > t). t is the
+// midpoint's low bits, minus one when the tie goes up (c odd), or 0xffff when the bucket holds no midpoint (also
+// for the two clamped buckets); the builder checks each t against the search on both sides of it. One table lookup
+// (one gather for 16 values) then encodes a value; a branch-free walk over a tree of midpoints with in-register
+// permutes was measured too and was 30 % slower.
+// Signed maps are mirror images around code 127 (map[127 - i] == -map[127 + i]; a mirror keeps code parity and
+// negates float32 midpoints exactly), so one half-table serves both signs; code 255 (+1.0) has no mirror, which is
+// why a negative y past the last midpoint clamps to code 0. Unsigned maps send every negative y (including -0) to
+// code 0, and NaN goes to code 0 in both, as in the search. A table is 12 KiB, so both optimizer tables stay in L1.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+
+namespace qlora::cpu {
+
+struct Dynamic8Lut {
+    static constexpr int kShift = 16;
+    static constexpr uint32_t kKeyMin = 0x3380u; // key of 2^-24
+    static constexpr uint32_t kKeyMax = 0x3f80u; // key of 1.0
+    static constexpr int kBuckets = static_cast<int>(kKeyMax - kKeyMin) + 1;
+
+    bool is_signed = false;
+    alignas(64) uint32_t entry[kBuckets] = {}; // code << 16 | low bits of the split point
+};
+
+// The table of a 256-entry ascending map, or nullptr when the map lacks the structure of Note [Bucketed nearest
+// code] (a signed map that is not mirror-symmetric, or a bucket holding two midpoints); callers then use
+// core::dynamic8_encode. Tables are built on first use (about 6k searches) and cached, the last 8 maps of each kind:
+// the canonical maps and, say, a checkpoint's own qmap that differs in an ulp.
+std::shared_ptr<const Dynamic8Lut> dynamic8_lut(const float* map, bool is_signed);
+
+// Scalar lookup: equals core::dynamic8_encode(map, y) for the map the table was built from.
+uint8_t dynamic8_lut_encode(const Dynamic8Lut& lut, float y);
+
+} // namespace qlora::cpu
