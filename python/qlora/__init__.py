@@ -3,6 +3,8 @@
 Importing this package loads the operator library, which registers ``torch.ops.qlora.*``:
 
 * ``nf4_quantize`` / ``nf4_dequantize``: NF4 storage, byte-compatible with bitsandbytes (``qlora.functional``).
+* ``adamw8bit_step`` / ``adamw32bit_step`` / ``paged_zeros`` / ``paged_prefetch``: the optimizer steps behind
+  ``qlora.optim`` (8-bit and 32-bit, paged AdamW).
 * ``nf4_code``, ``dynamic8_code``, ``cpu_isa``, ``_set_cpu_isa``: tables and CPU-kernel controls.
 
 ``QLORA_LIBRARY=/path/to/libqlora_ops.so`` loads another build of the same operators (for example the CMake one)
@@ -40,6 +42,7 @@ torch.ops.load_library(LIBRARY_PATH)
 
 from . import functional  # noqa: E402
 from . import nn  # noqa: E402
+from . import optim  # noqa: E402
 from .functional import NF4Tensor, dequantize_nf4, quantize_nf4  # noqa: E402
 
-__all__ = ["LIBRARY_PATH", "NF4Tensor", "dequantize_nf4", "functional", "nn", "quantize_nf4"]
+__all__ = ["LIBRARY_PATH", "NF4Tensor", "dequantize_nf4", "functional", "nn", "optim", "quantize_nf4"]

@@ -12,6 +12,7 @@
 #include <string>
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <gtest/gtest.h>
 
 #include "qlora/ops.h"
@@ -19,6 +20,7 @@
 // After torch's headers: simt.h defines CUDA's keywords as macros.
 #include "simt/simt.h"
 
+#include "cuda/adamw_kernels.cuh"
 #include "cuda/nf4_kernels.cuh"
 #include "cuda/nf4_linear_kernels.cuh"
 
@@ -252,6 +254,230 @@ TEST(SimtKernelsTest, GemvKernelMatchesCpuLinearWithinSummationBound) {
             }
         }
     }
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// AdamW: the kernels against the CPU operators (called by name through the dispatcher, on the scalar ISA, whose
+// block kernel is the reference algorithm), over consecutive steps so state written by one step is read by the next.
+
+const int64_t kAdamwSizes[] = {1, 255, 256, 257, 4096, 10000};
+
+struct AdamwHyper {
+    double lr = 1e-3;
+    double beta1 = 0.9;
+    double beta2 = 0.999;
+    double eps = 1e-8;
+    double weight_decay = 0.0;
+};
+
+// Restores the CPU ISA a test changed.
+struct CpuIsaScope {
+    std::string saved = qlora::cpu_isa();
+    ~CpuIsaScope() { qlora::set_cpu_isa(saved); }
+};
+
+void adamw8_cpu(
+    at::Tensor& param, const at::Tensor& grad, at::Tensor& state1, at::Tensor& state2, at::Tensor& absmax1,
+    at::Tensor& absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2, int64_t step, const AdamwHyper& h
+) {
+    using Sig = void(
+        at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
+        const at::Tensor&, int64_t, double, double, double, double, double
+    );
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("qlora::adamw8bit_step", "").typed<Sig>();
+    op.call(
+        param, grad, state1, state2, absmax1, absmax2, qmap1, qmap2, step, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay
+    );
+}
+
+void adamw32_cpu(
+    at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, int64_t step,
+    const AdamwHyper& h
+) {
+    using Sig =
+        void(at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, int64_t, double, double, double, double, double);
+    static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("qlora::adamw32bit_step", "").typed<Sig>();
+    op.call(param, grad, exp_avg, exp_avg_sq, step, h.lr, h.beta1, h.beta2, h.eps, h.weight_decay);
+}
+
+qlora::core::AdamwScalars adamw_scalars_of(const AdamwHyper& h, int64_t step) {
+    return qlora::core::adamw_scalars(h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, step);
+}
+
+// Gradient of step `step` (1-based): normal values, a few NaN/Inf elements (at other places each step), and block 1
+// (elements 256-511) all zero, which with zero initial state there makes an all-zero moment block (absmax 0).
+at::Tensor adamw_test_grad(int64_t n, at::ScalarType dt, int64_t step) {
+    at::manual_seed(1000 * n + step);
+    at::Tensor g = at::randn({n}) * 0.1;
+    if (n > 2 * qlora::core::kAdamw8BlockSize) {
+        g.slice(0, qlora::core::kAdamw8BlockSize, 2 * qlora::core::kAdamw8BlockSize).zero_();
+    }
+    if (step != 1 || n > 1) { // n = 1: step 1 keeps its one finite element, later steps skip it
+        g[(7 * step) % n] = NAN;
+    }
+    if (n > 3) {
+        g[(n / 2 + step) % n] = INFINITY;
+        g[n - 1 - step] = -INFINITY;
+    }
+    return g.to(dt);
+}
+
+at::Tensor adamw_test_param(int64_t n, at::ScalarType dt) {
+    at::manual_seed(n);
+    return at::randn({n}).to(dt);
+}
+
+// Raw bytes: NaN and the sign of zero must match too.
+bool same_bits(const at::Tensor& a, const at::Tensor& b) {
+    return a.scalar_type() == b.scalar_type() &&
+           at::equal(a.contiguous().view(at::kByte), b.contiguous().view(at::kByte));
+}
+
+template <typename T> void check_adamw8_kernel() {
+    const at::ScalarType dt = scalar_type_of<T>();
+    CpuIsaScope isa_scope;
+    ScheduleScope schedule_scope;
+    qlora::set_cpu_isa("scalar");
+    const at::Tensor qmap1 = qlora::dynamic8_code(/*is_signed=*/true);
+    const at::Tensor qmap2 = qlora::dynamic8_code(/*is_signed=*/false);
+    for (int64_t n : kAdamwSizes) {
+        const int64_t nb = cuda::ceil_div(n, qlora::core::kAdamw8BlockSize);
+        for (double wd : {0.0, 0.01}) {
+            const AdamwHyper h{.weight_decay = wd};
+            for (int64_t max_blocks : kMaxBlocks) {
+                for (qlora::simt::Schedule schedule : kSchedules) {
+                    qlora::simt::set_schedule(schedule);
+                    qlora::simt::set_seed(static_cast<uint64_t>(n * 5 + max_blocks));
+                    // Nonzero initial state (random codes, positive absmax) except block 1, which starts at zero.
+                    at::manual_seed(n + 1);
+                    at::Tensor param = adamw_test_param(n, dt);
+                    at::Tensor state1 = at::randint(0, 256, {n}, at::kByte);
+                    at::Tensor state2 = at::randint(0, 256, {n}, at::kByte);
+                    at::Tensor absmax1 = at::rand({nb}) * 0.05 + 1e-3;
+                    at::Tensor absmax2 = at::rand({nb}) * 1e-3 + 1e-6;
+                    if (nb > 2) {
+                        state1.slice(0, 256, 512).fill_(127); // +0 in the signed map
+                        state2.slice(0, 256, 512).zero_();
+                        absmax1[1] = 0.0f;
+                        absmax2[1] = 0.0f;
+                    }
+                    at::Tensor k_param = param.clone();
+                    at::Tensor k_state1 = state1.clone();
+                    at::Tensor k_state2 = state2.clone();
+                    at::Tensor k_absmax1 = absmax1.clone();
+                    at::Tensor k_absmax2 = absmax2.clone();
+                    for (int64_t step = 1; step <= 3; ++step) {
+                        const at::Tensor grad = adamw_test_grad(n, dt, step);
+                        adamw8_cpu(param, grad, state1, state2, absmax1, absmax2, qmap1, qmap2, step, h);
+                        qlora::core::Adamw8Params<T> p{};
+                        p.param = static_cast<T*>(k_param.data_ptr());
+                        p.grad = static_cast<const T*>(grad.const_data_ptr());
+                        p.state1 = k_state1.data_ptr<uint8_t>();
+                        p.state2 = k_state2.data_ptr<uint8_t>();
+                        p.absmax1 = k_absmax1.data_ptr<float>();
+                        p.absmax2 = k_absmax2.data_ptr<float>();
+                        p.qmap1 = qmap1.const_data_ptr<float>();
+                        p.qmap2 = qmap2.const_data_ptr<float>();
+                        p.n = n;
+                        p.scalars = adamw_scalars_of(h, step);
+                        cuda::adamw8_launch<T>(p, nullptr, max_blocks);
+                        const std::string what =
+                            std::string(c10::toString(dt)) + " n=" + std::to_string(n) + " wd=" + std::to_string(wd) +
+                            " max_blocks=" + std::to_string(max_blocks) +
+                            " schedule=" + std::to_string(static_cast<int>(schedule)) + " step=" + std::to_string(step);
+                        const bool same = same_bits(k_param, param) && same_bits(k_state1, state1) &&
+                                          same_bits(k_state2, state2) && same_bits(k_absmax1, absmax1) &&
+                                          same_bits(k_absmax2, absmax2);
+                        EXPECT_TRUE(same_bits(k_param, param)) << what << ": param";
+                        EXPECT_TRUE(same_bits(k_state1, state1)) << what << ": state1";
+                        EXPECT_TRUE(same_bits(k_state2, state2)) << what << ": state2";
+                        EXPECT_TRUE(same_bits(k_absmax1, absmax1)) << what << ": absmax1";
+                        EXPECT_TRUE(same_bits(k_absmax2, absmax2)) << what << ": absmax2";
+                        if (!same) {
+                            break; // later steps would only repeat the difference
+                        }
+                    }
+                    if (nb > 2) { // the zero block stayed all zero: absmax 0 (codes 255 / 0, see adamw8_sign_fix)
+                        EXPECT_EQ(k_absmax1[1].item<float>(), 0.0f) << n;
+                        EXPECT_EQ(k_absmax2[1].item<float>(), 0.0f) << n;
+                    }
+                }
+            }
+        }
+    }
+}
+
+TEST(SimtKernelsTest, Adamw8KernelMatchesCpuFloat) {
+    check_adamw8_kernel<float>();
+}
+TEST(SimtKernelsTest, Adamw8KernelMatchesCpuBfloat16) {
+    check_adamw8_kernel<__nv_bfloat16>();
+}
+TEST(SimtKernelsTest, Adamw8KernelMatchesCpuHalf) {
+    check_adamw8_kernel<__half>();
+}
+
+template <typename T> void check_adamw32_kernel() {
+    const at::ScalarType dt = scalar_type_of<T>();
+    CpuIsaScope isa_scope;
+    ScheduleScope schedule_scope;
+    qlora::set_cpu_isa("scalar");
+    for (int64_t n : kAdamwSizes) {
+        for (double wd : {0.0, 0.01}) {
+            const AdamwHyper h{.weight_decay = wd};
+            for (int64_t max_blocks : kMaxBlocks) {
+                for (qlora::simt::Schedule schedule : kSchedules) {
+                    qlora::simt::set_schedule(schedule);
+                    qlora::simt::set_seed(static_cast<uint64_t>(n * 3 + max_blocks));
+                    at::manual_seed(n + 2);
+                    at::Tensor param = adamw_test_param(n, dt);
+                    at::Tensor exp_avg = at::randn({n}) * 0.01;
+                    at::Tensor exp_avg_sq = at::rand({n}) * 1e-4;
+                    if (n > 2 * qlora::core::kAdamw8BlockSize) {
+                        exp_avg.slice(0, 256, 512).zero_();
+                        exp_avg_sq.slice(0, 256, 512).zero_();
+                    }
+                    at::Tensor k_param = param.clone();
+                    at::Tensor k_exp_avg = exp_avg.clone();
+                    at::Tensor k_exp_avg_sq = exp_avg_sq.clone();
+                    for (int64_t step = 1; step <= 3; ++step) {
+                        const at::Tensor grad = adamw_test_grad(n, dt, step);
+                        adamw32_cpu(param, grad, exp_avg, exp_avg_sq, step, h);
+                        qlora::core::Adamw32Params<T> p{};
+                        p.param = static_cast<T*>(k_param.data_ptr());
+                        p.grad = static_cast<const T*>(grad.const_data_ptr());
+                        p.exp_avg = k_exp_avg.data_ptr<float>();
+                        p.exp_avg_sq = k_exp_avg_sq.data_ptr<float>();
+                        p.n = n;
+                        p.scalars = adamw_scalars_of(h, step);
+                        cuda::adamw32_launch<T>(p, nullptr, max_blocks);
+                        const std::string what =
+                            std::string(c10::toString(dt)) + " n=" + std::to_string(n) + " wd=" + std::to_string(wd) +
+                            " max_blocks=" + std::to_string(max_blocks) +
+                            " schedule=" + std::to_string(static_cast<int>(schedule)) + " step=" + std::to_string(step);
+                        const bool same = same_bits(k_param, param) && same_bits(k_exp_avg, exp_avg) &&
+                                          same_bits(k_exp_avg_sq, exp_avg_sq);
+                        EXPECT_TRUE(same_bits(k_param, param)) << what << ": param";
+                        EXPECT_TRUE(same_bits(k_exp_avg, exp_avg)) << what << ": exp_avg";
+                        EXPECT_TRUE(same_bits(k_exp_avg_sq, exp_avg_sq)) << what << ": exp_avg_sq";
+                        if (!same) {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+TEST(SimtKernelsTest, Adamw32KernelMatchesCpuFloat) {
+    check_adamw32_kernel<float>();
+}
+TEST(SimtKernelsTest, Adamw32KernelMatchesCpuBfloat16) {
+    check_adamw32_kernel<__nv_bfloat16>();
+}
+TEST(SimtKernelsTest, Adamw32KernelMatchesCpuHalf) {
+    check_adamw32_kernel<__half>();
 }
 
 // Every `__global__` function declared under csrc/cuda must be named in this file (so it has a harness test).
