@@ -73,7 +73,35 @@ def nf4_linear_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"nf4_quant": nf4_quant_table, "nf4_linear": nf4_linear_table}
+def adamw_table(doc: dict) -> str:
+    m = doc["machine"]
+    names = [
+        ("qlora_8bit", "qlora 8-bit"),
+        ("qlora_32bit", "qlora 32-bit"),
+        ("torch_fused", "torch fused"),
+        ("torch_foreach", "torch foreach"),
+        ("bitsandbytes_8bit", "bitsandbytes 8-bit"),
+    ]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, CPU kernels {m['qlora_cpu_isa']}, torch {m['torch']}, "
+        f"bitsandbytes {m['bitsandbytes']}. One float32 parameter; median step time, ×N = time / the fastest torch "
+        "AdamW's time in the same run (lower is faster).",
+        "",
+        "| parameters | threads | " + " | ".join(label for _, label in names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for c in doc["cases"]:
+        cells = [f"{c['seconds'][k] * 1e3:.1f} ms (×{c['ratio_to_fastest_torch'][k]:.2f})" for k, _ in names]
+        lines.append(f"| {c['numel'] / 1e6:.0f} M | {c['threads']} | " + " | ".join(cells) + " |")
+    sb = doc["cases"][0]["state_bytes_per_param"]
+    lines += [
+        "",
+        "State bytes per parameter: " + ", ".join(f"{label} {sb[k]:.3f}" for k, label in names) + ".",
+    ]
+    return "\n".join(lines)
+
+
+TABLES = {"nf4_quant": nf4_quant_table, "nf4_linear": nf4_linear_table, "adamw": adamw_table}
 
 
 def main() -> None:

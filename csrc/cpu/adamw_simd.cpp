@@ -284,6 +284,182 @@ template <typename T> QLORA_AVX512 void adamw32_range_avx512(const core::Adamw32
     adamw32_range_scalar(P, i, i1);
 }
 
+// --------------------------------------------------------------------------------------------------------------
+// AVX2: the AVX-512 kernels on 8 lanes (Note [AdamW8 AVX-512 encoding] applies unchanged). Compare results are
+// all-ones lanes, so masked moves become blends and ANDs; stores of 16-bit parameters write whole vectors, blending
+// the old value back into lanes that keep it (an old value is already representable, so storing it again is exact).
+
+QLORA_AVX2 inline __m256i lut_code_abs8(const Dynamic8Lut& lut, __m256i abits) {
+    const __m256i low16 = _mm256_set1_epi32(0xffff);
+    __m256i key = _mm256_srli_epi32(abits, Dynamic8Lut::kShift);
+    key = _mm256_min_epu32(
+        _mm256_max_epu32(key, _mm256_set1_epi32(Dynamic8Lut::kKeyMin)), _mm256_set1_epi32(Dynamic8Lut::kKeyMax)
+    );
+    key = _mm256_sub_epi32(key, _mm256_set1_epi32(Dynamic8Lut::kKeyMin));
+    const __m256i e = _mm256_i32gather_epi32(reinterpret_cast<const int*>(lut.entry), key, 4);
+    // Both sides are below 2^16, so the signed compare is the unsigned one; "up" lanes are -1.
+    const __m256i up = _mm256_cmpgt_epi32(_mm256_and_si256(abits, low16), _mm256_and_si256(e, low16));
+    return _mm256_sub_epi32(_mm256_srli_epi32(e, 16), up);
+}
+
+QLORA_AVX2 inline __m256i adamw8_encode_m8(const Dynamic8Lut& lut1, __m256 m, __m256 scale1) {
+    const __m256i bits = _mm256_castps_si256(_mm256_mul_ps(m, scale1));
+    const __m256i r = lut_code_abs8(lut1, _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)));
+    const __m256i mirrored = _mm256_min_epi32(
+        _mm256_max_epi32(_mm256_sub_epi32(_mm256_set1_epi32(254), r), _mm256_setzero_si256()), _mm256_set1_epi32(126)
+    );
+    return _mm256_blendv_epi8(r, mirrored, _mm256_srai_epi32(_mm256_castps_si256(m), 31));
+}
+
+QLORA_AVX2 inline __m256i adamw8_encode_v8(const Dynamic8Lut& lut2, __m256 v, __m256 scale2) {
+    return lut_code_abs8(lut2, _mm256_castps_si256(_mm256_mul_ps(v, scale2)));
+}
+
+QLORA_AVX2 inline void store_codes8(uint8_t* q, __m256i c) {
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), c);
+    for (int k = 0; k < 8; ++k) {
+        q[k] = static_cast<uint8_t>(lanes[k]);
+    }
+}
+
+QLORA_AVX2 int64_t adamw8_encode_run_avx2(const Dynamic8Lut& lut, const float* x, float scale, int64_t n, uint8_t* q) {
+    const __m256 sv = _mm256_set1_ps(scale);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + i);
+        store_codes8(q + i, lut.is_signed ? adamw8_encode_m8(lut, xv, sv) : adamw8_encode_v8(lut, xv, sv));
+    }
+    return i;
+}
+
+// All-ones lanes where g is finite.
+QLORA_AVX2 inline __m256 finite8(__m256 g) {
+    const __m256i exp_mask = _mm256_set1_epi32(0x7f800000);
+    const __m256i inf = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_castps_si256(g), exp_mask), exp_mask);
+    return _mm256_castsi256_ps(_mm256_xor_si256(inf, _mm256_set1_epi32(-1)));
+}
+
+QLORA_AVX2 inline __m256 round8(__m256 v, const float*) {
+    return v;
+}
+QLORA_AVX2 inline __m256 round8(__m256 v, const c10::BFloat16*) {
+    alignas(32) c10::BFloat16 tmp[8];
+    simd::store8(tmp, v);
+    return simd::load8(tmp);
+}
+QLORA_AVX2 inline __m256 round8(__m256 v, const c10::Half*) {
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+template <typename T>
+QLORA_AVX2 inline void adamw_store_param8(T* p, __m256 keep_new, __m256 delta, const core::AdamwScalars& s) {
+    const __m256 old = simd::load8(p);
+    __m256 x = round8(_mm256_add_ps(old, delta), p);
+    if (s.has_decay) {
+        x = _mm256_mul_ps(x, _mm256_set1_ps(s.decay));
+    }
+    simd::store8(p, _mm256_blendv_ps(old, x, keep_new));
+}
+
+QLORA_AVX2 inline __m256 adamw_delta8(__m256 m, __m256 v, const core::AdamwScalars& s) {
+    const __m256 denom = _mm256_add_ps(_mm256_sqrt_ps(v), _mm256_set1_ps(s.eps_hat));
+    return _mm256_mul_ps(_mm256_set1_ps(s.step_size), _mm256_div_ps(m, denom));
+}
+
+QLORA_AVX2 inline uint32_t max_epu32_8(__m256i x) {
+    alignas(32) uint32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), x);
+    uint32_t r = 0;
+    for (uint32_t u : lanes) {
+        r = u > r ? u : r;
+    }
+    return r;
+}
+
+template <typename T>
+QLORA_AVX2 void
+adamw8_block_avx2(const core::Adamw8Params<T>& P, const Dynamic8Lut& lut1, const Dynamic8Lut& lut2, int64_t b) {
+    const core::AdamwScalars& s = P.scalars;
+    const int64_t s0 = b * kAdamw8BlockSize;
+    constexpr int kVecs = kAdamw8BlockSize / 8;
+    alignas(32) float m[kAdamw8BlockSize];
+    alignas(32) float v[kAdamw8BlockSize];
+    __m256 finite[kVecs];
+    const __m256 a1_old = _mm256_set1_ps(P.absmax1[b]);
+    const __m256 a2_old = _mm256_set1_ps(P.absmax2[b]);
+    const __m256 beta1 = _mm256_set1_ps(s.beta1);
+    const __m256 one_minus_beta1 = _mm256_set1_ps(s.one_minus_beta1);
+    const __m256 beta2 = _mm256_set1_ps(s.beta2);
+    const __m256 one_minus_beta2 = _mm256_set1_ps(s.one_minus_beta2);
+    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+    __m256i max1 = _mm256_setzero_si256();
+    __m256i max2 = _mm256_setzero_si256();
+    for (int j = 0; j < kVecs; ++j) {
+        const int64_t i = s0 + 8 * j;
+        const __m256 g = simd::load8(P.grad + i);
+        const __m256i q1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(P.state1 + i)));
+        const __m256i q2 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(P.state2 + i)));
+        const __m256 m_old = _mm256_mul_ps(_mm256_i32gather_ps(P.qmap1, q1, 4), a1_old);
+        const __m256 v_old = _mm256_mul_ps(_mm256_i32gather_ps(P.qmap2, q2, 4), a2_old);
+        const __m256 ok = finite8(g);
+        const __m256 mj =
+            _mm256_and_ps(ok, _mm256_add_ps(_mm256_mul_ps(m_old, beta1), _mm256_mul_ps(one_minus_beta1, g)));
+        const __m256 vj = _mm256_and_ps(
+            ok, _mm256_add_ps(_mm256_mul_ps(v_old, beta2), _mm256_mul_ps(_mm256_mul_ps(one_minus_beta2, g), g))
+        );
+        _mm256_store_ps(m + 8 * j, mj);
+        _mm256_store_ps(v + 8 * j, vj);
+        finite[j] = ok;
+        max1 = _mm256_max_epu32(max1, _mm256_and_si256(_mm256_castps_si256(mj), abs_mask));
+        max2 = _mm256_max_epu32(max2, _mm256_and_si256(_mm256_castps_si256(vj), abs_mask));
+    }
+    const float a1 = core::float_from_bits(max_epu32_8(max1));
+    const float a2 = core::float_from_bits(max_epu32_8(max2));
+    if (!adamw8_vector_absmax(a1) || !adamw8_vector_absmax(a2)) {
+        adamw8_block_scalar(P, &lut1, &lut2, b);
+        return;
+    }
+    P.absmax1[b] = a1;
+    P.absmax2[b] = a2;
+    const __m256 scale1 = _mm256_set1_ps(core::block_scale(a1));
+    const __m256 scale2 = _mm256_set1_ps(core::block_scale(a2));
+    for (int j = 0; j < kVecs; ++j) {
+        const int64_t i = s0 + 8 * j;
+        const __m256 mj = _mm256_load_ps(m + 8 * j);
+        const __m256 vj = _mm256_load_ps(v + 8 * j);
+        adamw_store_param8(P.param + i, finite[j], adamw_delta8(mj, vj, s), s);
+        store_codes8(P.state1 + i, adamw8_encode_m8(lut1, mj, scale1));
+        store_codes8(P.state2 + i, adamw8_encode_v8(lut2, vj, scale2));
+    }
+}
+
+template <typename T> QLORA_AVX2 void adamw32_range_avx2(const core::Adamw32Params<T>& P, int64_t i0, int64_t i1) {
+    const core::AdamwScalars& s = P.scalars;
+    const __m256 beta1 = _mm256_set1_ps(s.beta1);
+    const __m256 one_minus_beta1 = _mm256_set1_ps(s.one_minus_beta1);
+    const __m256 beta2 = _mm256_set1_ps(s.beta2);
+    const __m256 one_minus_beta2 = _mm256_set1_ps(s.one_minus_beta2);
+    int64_t i = i0;
+    for (; i + 8 <= i1; i += 8) {
+        const __m256 g = simd::load8(P.grad + i);
+        const __m256 ok = finite8(g);
+        const __m256 mj = _mm256_and_ps(
+            ok, _mm256_add_ps(_mm256_mul_ps(_mm256_loadu_ps(P.exp_avg + i), beta1), _mm256_mul_ps(one_minus_beta1, g))
+        );
+        const __m256 vj = _mm256_and_ps(
+            ok, _mm256_add_ps(
+                    _mm256_mul_ps(_mm256_loadu_ps(P.exp_avg_sq + i), beta2),
+                    _mm256_mul_ps(_mm256_mul_ps(one_minus_beta2, g), g)
+                )
+        );
+        _mm256_storeu_ps(P.exp_avg + i, mj);
+        _mm256_storeu_ps(P.exp_avg_sq + i, vj);
+        adamw_store_param8(P.param + i, ok, adamw_delta8(mj, vj, s), s);
+    }
+    adamw32_range_scalar(P, i, i1);
+}
+
 #endif
 
 } // namespace
@@ -294,11 +470,15 @@ void adamw8_blocks(
     int64_t b1
 ) {
 #if defined(QLORA_X86)
-    if (isa == CpuIsa::kAvx512 && lut1 != nullptr && lut2 != nullptr && lut1->is_signed && !lut2->is_signed) {
+    if (isa != CpuIsa::kScalar && lut1 != nullptr && lut2 != nullptr && lut1->is_signed && !lut2->is_signed) {
         const int64_t full_blocks = params.n / kAdamw8BlockSize;
         int64_t b = b0;
         for (; b < std::min(b1, full_blocks); ++b) {
-            adamw8_block_avx512(params, *lut1, *lut2, b);
+            if (isa == CpuIsa::kAvx512) {
+                adamw8_block_avx512(params, *lut1, *lut2, b);
+            } else {
+                adamw8_block_avx2(params, *lut1, *lut2, b);
+            }
         }
         for (; b < b1; ++b) {
             adamw8_block_scalar(params, lut1, lut2, b);
@@ -317,6 +497,10 @@ template <typename T> void adamw32_range(CpuIsa isa, const core::Adamw32Params<T
         adamw32_range_avx512(params, i0, i1);
         return;
     }
+    if (isa == CpuIsa::kAvx2) {
+        adamw32_range_avx2(params, i0, i1);
+        return;
+    }
 #endif
     adamw32_range_scalar(params, i0, i1);
 }
@@ -326,6 +510,8 @@ void adamw8_encode_run(CpuIsa isa, const Dynamic8Lut& lut, const float* x, float
 #if defined(QLORA_X86)
     if (isa == CpuIsa::kAvx512) {
         i = adamw8_encode_run_avx512(lut, x, scale, n, q);
+    } else if (isa == CpuIsa::kAvx2) {
+        i = adamw8_encode_run_avx2(lut, x, scale, n, q);
     }
 #endif
     for (; i < n; ++i) {

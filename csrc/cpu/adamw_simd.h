@@ -1,10 +1,10 @@
 // csrc/cpu/adamw_simd.h: the CPU AdamW kernels, one range of blocks or elements at a time (the op splits the tensor
-// over threads), scalar and AVX-512.
+// over threads), scalar, AVX2 and AVX-512.
 //
 // The scalar kernels compose csrc/core/adamw.h element by element and are the reference. The AVX-512 8-bit kernel
 // does the same float32 operations in the same order on 16 lanes, decodes states with gathers and encodes them with
-// the bucketed lookup of dynamic8_lut.h instead of the binary search; tests require identical bytes. AVX2 CPUs use
-// the scalar kernels.
+// the bucketed lookup of dynamic8_lut.h instead of the binary search; the AVX2 kernels are the same on 8 lanes (gathers
+// for the decode too). Tests require identical bytes from all three.
 #pragma once
 
 #include <cstdint>

@@ -86,18 +86,15 @@ std::shared_ptr<const Dynamic8Lut> dynamic8_lut(const float* map, bool is_signed
 }
 
 uint8_t dynamic8_lut_encode(const Dynamic8Lut& lut, float y) {
-    if (core::is_nan(y)) {
-        return 0;
-    }
+    // Branch-free (selects, not jumps): the sign of an optimizer moment is a coin flip for the branch predictor.
     const uint32_t bits = core::bits_from_float(y);
     const uint32_t abits = bits & 0x7fffffffu;
     const uint32_t key = std::clamp(abits >> Dynamic8Lut::kShift, Dynamic8Lut::kKeyMin, Dynamic8Lut::kKeyMax);
     const uint32_t e = lut.entry[key - Dynamic8Lut::kKeyMin];
-    const int r = static_cast<int>(e >> 16) + ((abits & 0xffffu) > (e & 0xffffu) ? 1 : 0);
-    if ((bits >> 31) == 0u) {
-        return static_cast<uint8_t>(r);
-    }
-    return static_cast<uint8_t>(lut.is_signed ? std::max(254 - r, 0) : 0);
+    const int r = static_cast<int>(e >> 16) + static_cast<int>((abits & 0xffffu) > (e & 0xffffu));
+    const int mirrored = lut.is_signed ? std::max(254 - r, 0) : 0;
+    const int code = (bits >> 31) != 0u ? mirrored : r;
+    return static_cast<uint8_t>(core::is_nan(y) ? 0 : code);
 }
 
 } // namespace qlora::cpu
