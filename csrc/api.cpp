@@ -88,6 +88,39 @@ at::Tensor linear(
     );
 }
 
+void adamw8bit_step(
+    at::Tensor& param, const at::Tensor& grad, at::Tensor& state1, at::Tensor& state2, at::Tensor& absmax1,
+    at::Tensor& absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2, int64_t step, double lr, double beta1,
+    double beta2, double eps, double weight_decay
+) {
+    using Sig = void(
+        at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
+        const at::Tensor&, int64_t, double, double, double, double, double
+    );
+    static const auto op = op_handle<Sig>("qlora::adamw8bit_step");
+    op.call(param, grad, state1, state2, absmax1, absmax2, qmap1, qmap2, step, lr, beta1, beta2, eps, weight_decay);
+}
+
+void adamw32bit_step(
+    at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, int64_t step, double lr,
+    double beta1, double beta2, double eps, double weight_decay
+) {
+    using Sig =
+        void(at::Tensor&, const at::Tensor&, at::Tensor&, at::Tensor&, int64_t, double, double, double, double, double);
+    static const auto op = op_handle<Sig>("qlora::adamw32bit_step");
+    op.call(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay);
+}
+
+at::Tensor paged_zeros(const at::Tensor& like, at::ScalarType dtype) {
+    static const auto op = op_handle<at::Tensor(const at::Tensor&, at::ScalarType)>("qlora::paged_zeros");
+    return op.call(like, dtype);
+}
+
+void paged_prefetch(const at::Tensor& state) {
+    static const auto op = op_handle<void(const at::Tensor&)>("qlora::paged_prefetch");
+    op.call(state);
+}
+
 at::Tensor nf4_code() {
     static const auto op = op_handle<at::Tensor()>("qlora::nf4_code");
     return op.call();

@@ -52,6 +52,22 @@ at::Tensor linear(
     double lora_scale = 1.0, const std::optional<at::Tensor>& lora_input = std::nullopt
 );
 
+// qlora::adamw8bit_step / qlora::adamw32bit_step: one AdamW step of one tensor, in place (shapes and rules:
+// csrc/library.cpp, Note [AdamW8 update order]). qlora/optim.h wraps them as a torch::optim::Optimizer.
+void adamw8bit_step(
+    at::Tensor& param, const at::Tensor& grad, at::Tensor& state1, at::Tensor& state2, at::Tensor& absmax1,
+    at::Tensor& absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2, int64_t step, double lr, double beta1 = 0.9,
+    double beta2 = 0.999, double eps = 1e-8, double weight_decay = 0.0
+);
+void adamw32bit_step(
+    at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, int64_t step, double lr,
+    double beta1 = 0.9, double beta2 = 0.999, double eps = 1e-8, double weight_decay = 0.0
+);
+// qlora::paged_zeros / qlora::paged_prefetch: zeroed optimizer state like `like` (CUDA managed memory on a GPU), and
+// its prefetch to the GPU before a step (a no-op on the CPU).
+at::Tensor paged_zeros(const at::Tensor& like, at::ScalarType dtype);
+void paged_prefetch(const at::Tensor& state);
+
 // The 16 NF4 values and the signed/unsigned dynamic 8-bit maps, float32 CPU tensors.
 at::Tensor nf4_code();
 at::Tensor dynamic8_code(bool is_signed = true);
