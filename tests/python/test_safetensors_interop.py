@@ -1,0 +1,92 @@
+"""qlora's C++ safetensors reader and writer (trainer/, through build/bin/qlora_safetensors) against the reference
+`safetensors` package, in both directions (reliability-tests.md S26, S5, S16): files the reference writes are read
+with the same values, files qlora writes are read by the reference with the same values and metadata, and a file the
+reference rejects is rejected by qlora with a one-line message naming it."""
+
+import os
+import random
+import struct
+import subprocess
+
+import pytest
+import torch
+
+from conftest import REPO
+
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+TOOL = os.path.join(REPO, "build", "bin", "qlora_safetensors")
+
+
+@pytest.fixture(scope="module")
+def tool():
+    if not os.path.exists(TOOL):
+        if os.environ.get("QLORA_REQUIRE_CMAKE_BUILD") == "1":
+            pytest.fail(f"{TOOL} is missing: the CMake build did not produce it")
+        pytest.skip("CMake build not present (run scripts/test.sh)")
+    return TOOL
+
+
+def random_tensors(seed):
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int32, torch.int8,
+              torch.uint8, torch.bool]
+    out = {}
+    for i in range(12):
+        dtype = rng.choice(dtypes)
+        shape = [rng.choice([0, 1, 2, 3, 7, 64]) for _ in range(rng.randint(0, 3))]
+        t = torch.randn(shape, generator=gen) * 10
+        out[f"t{i}.{dtype}".replace("torch.", "")] = t.to(dtype) if dtype != torch.bool else t > 0
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reference_file_through_qlora_writer_back_to_reference(tool, tmp_path, seed):
+    tensors = random_tensors(seed)
+    src, dst = str(tmp_path / "ref.safetensors"), str(tmp_path / "qlora.safetensors")
+    safetensors_torch.save_file(tensors, src, metadata={"origin": "reference", "seed": str(seed)})
+    subprocess.run([tool, "copy", src, dst], check=True, capture_output=True)
+    back = safetensors_torch.load_file(dst)
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+    with safetensors_torch.safe_open(dst, "pt") as f:
+        assert f.metadata() == {"origin": "reference", "seed": str(seed), "format": "pt"}
+    # qlora's writer aligns every tensor and pads the header with spaces only.
+    with open(dst, "rb") as fh:
+        n = struct.unpack("<Q", fh.read(8))[0]
+        header = fh.read(n)
+    assert (8 + n) % 8 == 0 and header.startswith(b"{") and header.rstrip(b" ").endswith(b"}")
+
+
+def test_check_lists_tensors_of_a_reference_file(tool, tmp_path):
+    path = str(tmp_path / "a.safetensors")
+    safetensors_torch.save_file({"w": torch.zeros(3, 4, dtype=torch.bfloat16), "b": torch.zeros(0)}, path)
+    out = subprocess.run([tool, "check", path], check=True, capture_output=True, text=True).stdout.split("\n")
+    assert "w BF16 [3,4]" in out and "b F32 [0]" in out
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda b: b + b"\x00", "trailing bytes"),
+        (lambda b: b[:-3], "truncated"),
+        (lambda b: b[:8] + b[8:].replace(b'"F32"', b'"F33"', 1), 'unknown dtype "F33"'),
+        (lambda b: struct.pack("<Q", 2**63) + b[8:], "exceeds the format's limit"),
+    ],
+)
+def test_files_the_reference_rejects_are_rejected(tool, tmp_path, mutate, message):
+    good = str(tmp_path / "good.safetensors")
+    safetensors_torch.save_file({"x": torch.ones(5)}, good)
+    with open(good, "rb") as fh:
+        data = mutate(fh.read())
+    bad = str(tmp_path / "bad.safetensors")
+    with open(bad, "wb") as fh:
+        fh.write(data)
+    with pytest.raises(Exception):
+        safetensors_torch.load_file(bad)  # the reference rejects it too
+    r = subprocess.run([tool, "check", bad], capture_output=True, text=True)
+    assert r.returncode == 1
+    lines = r.stderr.strip().split("\n")
+    assert len(lines) == 1 and lines[0].startswith(bad + ": ") and message in lines[0], r.stderr
