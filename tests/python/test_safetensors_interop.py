@@ -90,3 +90,65 @@ def test_files_the_reference_rejects_are_rejected(tool, tmp_path, mutate, messag
     assert r.returncode == 1
     lines = r.stderr.strip().split("\n")
     assert len(lines) == 1 and lines[0].startswith(bad + ": ") and message in lines[0], r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Llama directories written by transformers (issue 5's model configs): config.json parsed as transformers reads it, and
+# the checkpoint's tensor names and shapes match what qlora expects from that config.
+
+LLAMA_CASES = {
+    "mha_untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa_tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "head_dim_bias": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32, attention_bias=True,
+                          mlp_bias=True),
+    "llama3_rope": dict(num_attention_heads=4, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                        rope_theta=500000.0),
+    "sharded": dict(num_attention_heads=6, num_key_value_heads=2),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LLAMA_CASES))
+def test_transformers_llama_directory(tool, tmp_path, case):
+    transformers = pytest.importorskip("transformers")
+    kw = dict(vocab_size=200, hidden_size=96, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=128)
+    kw.update(LLAMA_CASES[case])
+    config = transformers.LlamaConfig(**kw)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    out = tmp_path / case
+    model.save_pretrained(out, max_shard_size="100KB" if case == "sharded" else "5GB")
+    if case == "sharded":
+        assert (out / "model.safetensors.index.json").exists()
+    r = subprocess.run([tool, "model", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    got = dict(item.split("=") for item in r.stdout.split())
+    # The transformers config object is the authority for every derived value.
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert int(got["head_dim"]) == head_dim and int(got["kv_heads"]) == config.num_key_value_heads
+    assert int(got["heads"]) == config.num_attention_heads and int(got["layers"]) == config.num_hidden_layers
+    assert int(got["tie"]) == int(config.tie_word_embeddings)
+    assert float(got["rope_theta"]) == kw.get("rope_theta", 10000.0)
+    assert got["rope"] == ("llama3" if case == "llama3_rope" else "default")
+    assert int(got["tensors"]) == len(safetensors_names(out))
+
+
+def safetensors_names(directory):
+    names = set()
+    for f in directory.glob("*.safetensors"):
+        with safetensors_torch.safe_open(str(f), "pt") as fh:
+            names.update(fh.keys())
+    return names
+
+
+def test_transformers_llama_directory_with_a_missing_tensor_is_rejected(tool, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=2)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    tensors = safetensors_torch.load_file(str(tmp_path / "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    safetensors_torch.save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    r = subprocess.run([tool, "model", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "missing model.layers.1.mlp.down_proj.weight" in r.stderr and r.stderr.count("\n") == 1

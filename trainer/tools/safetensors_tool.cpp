@@ -1,7 +1,9 @@
 // trainer/tools/safetensors_tool.cpp: `qlora_safetensors check FILE` validates a file with qlora's reader and prints
-// its tensors; `qlora_safetensors copy IN OUT` reads every tensor and writes them with qlora's writer. Exit status 1
-// and a one-line message on stderr for a rejected file. Used by tests/python/test_safetensors_interop.py to compare
-// qlora's reader and writer with the reference `safetensors` package in both directions.
+// its tensors; `qlora_safetensors copy IN OUT` reads every tensor and writes them with qlora's writer;
+// `qlora_safetensors model DIR` reads a Hugging Face Llama directory (config.json + weights, one file or shards),
+// checks the weights against the config and prints the parsed config. Exit status 1 and a one-line message on stderr
+// for a rejected input. Used by tests/python/test_safetensors_interop.py against the reference `safetensors` package
+// and transformers.
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -9,17 +11,35 @@
 #include <utility>
 #include <vector>
 
+#include "qlora/trainer/checkpoint.h"
+#include "qlora/trainer/llama_config.h"
 #include "qlora/trainer/safetensors.h"
 
 namespace st = qlora::safetensors;
 
 int main(int argc, char** argv) {
     const std::string cmd = argc > 1 ? argv[1] : "";
-    if (!((cmd == "check" && argc == 3) || (cmd == "copy" && argc == 4))) {
-        std::fprintf(stderr, "usage: qlora_safetensors check FILE | copy IN OUT\n");
+    if (!((cmd == "check" && argc == 3) || (cmd == "copy" && argc == 4) || (cmd == "model" && argc == 3))) {
+        std::fprintf(stderr, "usage: qlora_safetensors check FILE | copy IN OUT | model DIR\n");
         return 2;
     }
     try {
+        if (cmd == "model") {
+            const qlora::llama::LlamaConfig c = qlora::llama::load_config(argv[2]);
+            const st::Checkpoint ck = st::Checkpoint::open(argv[2]);
+            qlora::llama::check_checkpoint(c, ck);
+            const char* rope[] = {"default", "linear", "llama3"};
+            std::printf(
+                "vocab_size=%lld hidden_size=%lld intermediate_size=%lld layers=%lld heads=%lld kv_heads=%lld "
+                "head_dim=%lld rope_theta=%g rope=%s factor=%g tie=%d tensors=%zu\n",
+                static_cast<long long>(c.vocab_size), static_cast<long long>(c.hidden_size),
+                static_cast<long long>(c.intermediate_size), static_cast<long long>(c.num_hidden_layers),
+                static_cast<long long>(c.num_attention_heads), static_cast<long long>(c.num_key_value_heads),
+                static_cast<long long>(c.head_dim), c.rope_theta, rope[static_cast<int>(c.rope_scaling.type)],
+                c.rope_scaling.factor, c.tie_word_embeddings ? 1 : 0, ck.names().size()
+            );
+            return 0;
+        }
         const st::File f = st::File::open(argv[2]);
         if (cmd == "check") {
             for (const st::TensorInfo& t : f.header().tensors) {
@@ -38,7 +58,7 @@ int main(int argc, char** argv) {
         std::map<std::string, std::string> metadata = f.header().metadata;
         st::save(argv[3], tensors, metadata);
         return 0;
-    } catch (const st::SafetensorsError& e) {
+    } catch (const std::runtime_error& e) {
         std::fprintf(stderr, "%s\n", e.what());
         return 1;
     }
