@@ -152,3 +152,32 @@ def test_transformers_llama_directory_with_a_missing_tensor_is_rejected(tool, tm
     r = subprocess.run([tool, "model", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 1
     assert "missing model.layers.1.mlp.down_proj.weight" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("case", sorted(LLAMA_CASES))
+def test_float32_logits_equal_transformers(tool, tmp_path, case):
+    # qlora's LibTorch Llama (trainer/src/llama.cpp, dense float32) against transformers' eager LlamaForCausalLM on the
+    # same checkpoint. Tolerance: 1e-5 relative to the logits' scale (issue 5) plus float32 summation noise; both use
+    # float32 throughout and differ only in summation order (SDPA vs eager softmax(QK^T)V, fused vs separate ops).
+    transformers = pytest.importorskip("transformers")
+    kw = dict(vocab_size=200, hidden_size=96, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=128)
+    kw.update(LLAMA_CASES[case])
+    config = transformers.LlamaConfig(**kw, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # random weights are tiny by default (std 0.02): widen them so every layer matters
+        for p in model.parameters():
+            p.normal_(0.0, 0.2 if p.dim() > 1 else 1.0)
+    out = tmp_path / case
+    model.save_pretrained(out, max_shard_size="100KB" if case == "sharded" else "5GB")
+    ids = torch.randint(0, kw["vocab_size"], (1, 37), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits.float()
+    logits_file = str(tmp_path / "logits.safetensors")
+    r = subprocess.run([tool, "logits", str(out), logits_file, *map(str, ids[0].tolist())], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    got = safetensors_torch.load_file(logits_file)["logits"]
+    assert got.shape == want.shape
+    scale = want.abs().max()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "qlora/trainer/checkpoint.h"
+#include "qlora/trainer/llama.h"
 #include "qlora/trainer/llama_config.h"
 #include "qlora/trainer/safetensors.h"
 
@@ -19,11 +20,25 @@ namespace st = qlora::safetensors;
 
 int main(int argc, char** argv) {
     const std::string cmd = argc > 1 ? argv[1] : "";
-    if (!((cmd == "check" && argc == 3) || (cmd == "copy" && argc == 4) || (cmd == "model" && argc == 3))) {
-        std::fprintf(stderr, "usage: qlora_safetensors check FILE | copy IN OUT | model DIR\n");
+    if (!((cmd == "check" && argc == 3) || (cmd == "copy" && argc == 4) || (cmd == "model" && argc == 3) ||
+          (cmd == "logits" && argc >= 5))) {
+        std::fprintf(stderr, "usage: qlora_safetensors check FILE | copy IN OUT | model DIR | logits DIR OUT ID...\n");
         return 2;
     }
     try {
+        if (cmd == "logits") { // float32 forward of the dense model on one sequence, logits saved as "logits"
+            const qlora::llama::LlamaConfig c = qlora::llama::load_config(argv[2]);
+            qlora::llama::LlamaForCausalLM m(c);
+            qlora::llama::load_weights(m, st::Checkpoint::open(argv[2]), at::kFloat);
+            std::vector<int64_t> ids;
+            for (int i = 4; i < argc; ++i) {
+                ids.push_back(std::stoll(argv[i]));
+            }
+            torch::NoGradGuard no_grad;
+            const at::Tensor logits = m->forward(torch::tensor(ids).view({1, -1}));
+            st::save(argv[3], {{"logits", logits}});
+            return 0;
+        }
         if (cmd == "model") {
             const qlora::llama::LlamaConfig c = qlora::llama::load_config(argv[2]);
             const st::Checkpoint ck = st::Checkpoint::open(argv[2]);

@@ -1,0 +1,104 @@
+// qlora/trainer/llama.h: Llama (Hugging Face LlamaForCausalLM) as LibTorch modules whose submodule and parameter names
+// are the Hugging Face state-dict keys (spec formats-and-ops.md §2.2-§2.5), so a checkpoint loads by name.
+//
+//   LlamaForCausalLM
+//     model: embed_tokens, layers.N: {input_layernorm, self_attn: {q,k,v,o}_proj, post_attention_layernorm,
+//            mlp: {gate,up,down}_proj}, norm
+//     lm_head (absent when tie_word_embeddings: the logits use model.embed_tokens.weight)
+//
+// Math as transformers' eager path: RMSNorm in float32 then cast back and scaled by the weight, rotary embeddings in
+// the split-half convention with cos/sin computed in float32 and cast to the activation dtype, grouped-query
+// attention through at::scaled_dot_product_attention with a causal mask, SwiGLU MLP. Shapes: B batch, T tokens,
+// E hidden, H heads, K key/value heads, D head_dim, V vocabulary.
+#pragma once
+
+#include <string>
+
+#include <torch/nn/module.h>
+#include <torch/nn/modules/container/modulelist.h>
+#include <torch/nn/modules/embedding.h>
+#include <torch/nn/pimpl.h>
+
+#include "qlora/trainer/checkpoint.h"
+#include "qlora/trainer/llama_config.h"
+
+namespace qlora::llama {
+
+// A projection y = x W^T (+ b) with HF's parameter names `weight` [out, in] and `bias` [out].
+class ProjectionImpl : public torch::nn::Module {
+  public:
+    ProjectionImpl(int64_t in_features, int64_t out_features, bool bias);
+    torch::Tensor forward(const torch::Tensor& x);
+    torch::Tensor weight, bias;
+};
+TORCH_MODULE(Projection);
+
+class RMSNormImpl : public torch::nn::Module {
+  public:
+    RMSNormImpl(int64_t dim, double eps);
+    torch::Tensor forward(const torch::Tensor& x);
+    torch::Tensor weight;
+    double eps;
+};
+TORCH_MODULE(RMSNorm);
+
+class AttentionImpl : public torch::nn::Module {
+  public:
+    explicit AttentionImpl(const LlamaConfig& c);
+    // x [B, T, E]; cos, sin [T, D] in x's dtype.
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+    Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
+    int64_t heads, kv_heads, head_dim;
+};
+TORCH_MODULE(Attention);
+
+class MLPImpl : public torch::nn::Module {
+  public:
+    explicit MLPImpl(const LlamaConfig& c);
+    torch::Tensor forward(const torch::Tensor& x);
+    Projection gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+};
+TORCH_MODULE(MLP);
+
+class DecoderLayerImpl : public torch::nn::Module {
+  public:
+    explicit DecoderLayerImpl(const LlamaConfig& c);
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+    RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+    Attention self_attn{nullptr};
+    MLP mlp{nullptr};
+};
+TORCH_MODULE(DecoderLayer);
+
+class LlamaModelImpl : public torch::nn::Module {
+  public:
+    explicit LlamaModelImpl(const LlamaConfig& c);
+    // ids [B, T] int64 -> hidden states [B, T, E] after the final norm.
+    torch::Tensor forward(const torch::Tensor& ids);
+    torch::nn::Embedding embed_tokens{nullptr};
+    torch::nn::ModuleList layers{nullptr};
+    RMSNorm norm{nullptr};
+    LlamaConfig config;
+    torch::Tensor inv_freq; // [D / 2] float32, a buffer computed from the config (not in checkpoints)
+    double attention_scaling = 1.0;
+};
+TORCH_MODULE(LlamaModel);
+
+class LlamaForCausalLMImpl : public torch::nn::Module {
+  public:
+    explicit LlamaForCausalLMImpl(const LlamaConfig& c);
+    // ids [B, T] int64 -> logits [B, T, V].
+    torch::Tensor forward(const torch::Tensor& ids);
+    LlamaModel model{nullptr};
+    Projection lm_head{nullptr}; // null when tied
+};
+TORCH_MODULE(LlamaForCausalLM);
+
+// RoPE inverse frequencies with the config's scaling (default, linear, llama3; §2.5), float32 [D / 2].
+torch::Tensor rope_inv_freq(const LlamaConfig& c);
+
+// Copies every parameter from the checkpoint (names and shapes checked first with check_checkpoint), converted to
+// `dtype`. Throws std::runtime_error naming the problem.
+void load_weights(LlamaForCausalLM& m, const safetensors::Checkpoint& ck, at::ScalarType dtype);
+
+} // namespace qlora::llama

@@ -1,0 +1,165 @@
+// trainer/src/llama.cpp: see qlora/trainer/llama.h.
+#include "qlora/trainer/llama.h"
+
+#include <cmath>
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/generated/variable_factories.h>
+
+namespace qlora::llama {
+
+// --------------------------------------------------------------------------------------------------------------
+// Building blocks
+
+ProjectionImpl::ProjectionImpl(int64_t in_features, int64_t out_features, bool has_bias) {
+    weight = register_parameter("weight", torch::empty({out_features, in_features}));
+    if (has_bias) {
+        bias = register_parameter("bias", torch::zeros({out_features}));
+    }
+}
+
+torch::Tensor ProjectionImpl::forward(const torch::Tensor& x) {
+    return at::linear(x, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+}
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
+    weight = register_parameter("weight", torch::ones({dim}));
+}
+
+// HF LlamaRMSNorm: variance and normalisation in float32, cast back to the input dtype, then times the weight.
+torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
+    const torch::Tensor h = x.to(at::kFloat);
+    const torch::Tensor variance = h.pow(2).mean(-1, /*keepdim=*/true);
+    return weight * (h * at::rsqrt(variance + eps)).to(x.scalar_type());
+}
+
+namespace {
+
+// rotate_half: [x1, x2] -> [-x2, x1] over the last dimension (HF's split-half convention).
+torch::Tensor rotate_half(const torch::Tensor& x) {
+    const int64_t half = x.size(-1) / 2;
+    return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+}
+
+} // namespace
+
+torch::Tensor rope_inv_freq(const LlamaConfig& c) {
+    const int64_t d = c.head_dim;
+    torch::Tensor inv =
+        1.0 / at::pow(c.rope_theta, at::arange(0, d, 2, at::kLong).to(at::kFloat) / static_cast<double>(d));
+    switch (c.rope_scaling.type) {
+    case RopeType::kDefault:
+        return inv;
+    case RopeType::kLinear:
+        return inv / c.rope_scaling.factor;
+    case RopeType::kLlama3: {
+        const RopeScaling& r = c.rope_scaling;
+        const double L = static_cast<double>(r.original_max_position_embeddings);
+        const double low_wavelen = L / r.low_freq_factor;
+        const double high_wavelen = L / r.high_freq_factor;
+        const torch::Tensor wavelen = 2 * M_PI / inv;
+        // Low frequencies (long wavelengths) divided by the factor, high ones kept, a smooth blend in between.
+        torch::Tensor out = at::where(wavelen > low_wavelen, inv / r.factor, inv);
+        const torch::Tensor smooth = (L / wavelen - r.low_freq_factor) / (r.high_freq_factor - r.low_freq_factor);
+        const torch::Tensor blended = (1 - smooth) * out / r.factor + smooth * out;
+        const torch::Tensor medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen);
+        return at::where(medium, blended, out);
+    }
+    }
+    return inv;
+}
+
+AttentionImpl::AttentionImpl(const LlamaConfig& c)
+    : heads(c.num_attention_heads), kv_heads(c.num_key_value_heads), head_dim(c.head_dim) {
+    const int64_t E = c.hidden_size;
+    q_proj = register_module("q_proj", Projection(E, heads * head_dim, c.attention_bias));
+    k_proj = register_module("k_proj", Projection(E, kv_heads * head_dim, c.attention_bias));
+    v_proj = register_module("v_proj", Projection(E, kv_heads * head_dim, c.attention_bias));
+    o_proj = register_module("o_proj", Projection(heads * head_dim, E, c.attention_bias));
+}
+
+torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+    const int64_t B = x.size(0), T = x.size(1);
+    torch::Tensor q = q_proj(x).view({B, T, heads, head_dim}).transpose(1, 2);    // [B, H, T, D]
+    torch::Tensor k = k_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2); // [B, K, T, D]
+    torch::Tensor v = v_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2);
+    q = q * cos + rotate_half(q) * sin;
+    k = k * cos + rotate_half(k) * sin;
+    if (kv_heads != heads) { // each key/value head serves heads / kv_heads query heads (HF repeat_kv)
+        k = k.repeat_interleave(heads / kv_heads, 1);
+        v = v.repeat_interleave(heads / kv_heads, 1);
+    }
+    const torch::Tensor o = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/true);
+    return o_proj(o.transpose(1, 2).reshape({B, T, heads * head_dim}));
+}
+
+MLPImpl::MLPImpl(const LlamaConfig& c) {
+    gate_proj = register_module("gate_proj", Projection(c.hidden_size, c.intermediate_size, c.mlp_bias));
+    up_proj = register_module("up_proj", Projection(c.hidden_size, c.intermediate_size, c.mlp_bias));
+    down_proj = register_module("down_proj", Projection(c.intermediate_size, c.hidden_size, c.mlp_bias));
+}
+
+torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
+    return down_proj(at::silu(gate_proj(x)) * up_proj(x));
+}
+
+DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c) {
+    input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+    self_attn = register_module("self_attn", Attention(c));
+    post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+    mlp = register_module("mlp", MLP(c));
+}
+
+torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+    const torch::Tensor h = x + self_attn(input_layernorm(x), cos, sin);
+    return h + mlp(post_attention_layernorm(h));
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// Model
+
+LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c) : config(c) {
+    embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+    layers = register_module("layers", torch::nn::ModuleList());
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+        layers->push_back(DecoderLayer(c));
+    }
+    norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
+    inv_freq = rope_inv_freq(c);
+}
+
+torch::Tensor LlamaModelImpl::forward(const torch::Tensor& ids) {
+    torch::Tensor x = embed_tokens(ids);
+    const int64_t T = ids.size(1);
+    // cos/sin [T, D]: positions x inverse frequencies in float32, duplicated for both halves, cast to x's dtype.
+    const torch::Tensor freqs = at::outer(at::arange(T, at::kFloat), inv_freq.to(x.device()));
+    const torch::Tensor emb = at::cat({freqs, freqs}, -1);
+    const torch::Tensor cos = (emb.cos() * attention_scaling).to(x.scalar_type());
+    const torch::Tensor sin = (emb.sin() * attention_scaling).to(x.scalar_type());
+    for (const auto& layer : *layers) {
+        x = layer->as<DecoderLayer>()->forward(x, cos, sin);
+    }
+    return norm(x);
+}
+
+LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c) {
+    model = register_module("model", LlamaModel(c));
+    if (!c.tie_word_embeddings) {
+        lm_head = register_module("lm_head", Projection(c.hidden_size, c.vocab_size, false));
+    }
+}
+
+torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids) {
+    const torch::Tensor h = model(ids);
+    return lm_head ? lm_head(h) : at::linear(h, model->embed_tokens->weight);
+}
+
+void load_weights(LlamaForCausalLM& m, const safetensors::Checkpoint& ck, at::ScalarType dtype) {
+    check_checkpoint(m->model->config, ck);
+    torch::NoGradGuard no_grad;
+    for (auto& item : m->named_parameters()) {
+        item.value().set_data(ck.tensor(item.key()).to(dtype).clone());
+    }
+}
+
+} // namespace qlora::llama
