@@ -181,3 +181,37 @@ def test_float32_logits_equal_transformers(tool, tmp_path, case):
     assert got.shape == want.shape
     scale = want.abs().max()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("case", ["gqa_tied", "head_dim_bias"])
+def test_nf4_model_logits_equal_transformers_on_the_same_quantized_weights(tool, tmp_path, case):
+    # The C++ model with every projection NF4 + LoRA (B = 0) against transformers running the dequantized NF4 weights
+    # (qlora.quantize_nf4: the same bytes the C++ side produces, which bitsandbytes also produces, test_nf4.py), both
+    # in float32: only summation order differs, so the bound is the float32 one of the dense test.
+    transformers = pytest.importorskip("transformers")
+    import qlora
+
+    kw = dict(vocab_size=200, hidden_size=96, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=128)
+    kw.update(LLAMA_CASES[case])
+    config = transformers.LlamaConfig(**kw, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2 if p.dim() > 1 else 1.0)
+    out = tmp_path / case
+    model.save_pretrained(out)
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.split(".")[-1] in targets:
+                module.weight.copy_(qlora.quantize_nf4(module.weight, 64, True).dequantize(torch.float32))
+    ids = torch.randint(0, kw["vocab_size"], (1, 29), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits.float()
+    logits_file = str(tmp_path / "logits.safetensors")
+    r = subprocess.run([tool, "qlogits", str(out), logits_file, *map(str, ids[0].tolist())], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    got = safetensors_torch.load_file(logits_file)["logits"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())

@@ -11,15 +11,43 @@ namespace qlora::llama {
 // --------------------------------------------------------------------------------------------------------------
 // Building blocks
 
-ProjectionImpl::ProjectionImpl(int64_t in_features, int64_t out_features, bool has_bias) {
-    weight = register_parameter("weight", torch::empty({out_features, in_features}));
+ProjectionImpl::ProjectionImpl(int64_t in_f, int64_t out_f, bool has_bias) : in_features(in_f), out_features(out_f) {
+    // transformers' init (initializer_range 0.02); checkpoints overwrite it.
+    weight = register_parameter("weight", torch::empty({out_features, in_features}).normal_(0.0, 0.02));
     if (has_bias) {
         bias = register_parameter("bias", torch::zeros({out_features}));
     }
 }
 
 torch::Tensor ProjectionImpl::forward(const torch::Tensor& x) {
-    return at::linear(x, weight, bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt);
+    const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+    if (!quantized()) {
+        return at::linear(x, weight, b);
+    }
+    std::optional<at::Tensor> lora_input;
+    if (lora_dropout > 0.0 && is_training()) {
+        lora_input = at::dropout(x, lora_dropout, /*train=*/true);
+    }
+    return qlora::linear(
+        x, nf4, b, lora_A->weight.to(x.scalar_type()), lora_B->weight.to(x.scalar_type()), lora_scale, lora_input
+    );
+}
+
+void ProjectionImpl::quantize(const LoraSpec& spec) {
+    TORCH_CHECK(!quantized(), "Projection::quantize: already quantized");
+    torch::NoGradGuard no_grad;
+    nf4 = qlora::nf4_quantize(weight.detach(), spec.blocksize, spec.double_quant);
+    parameters_.erase("weight");
+    weight = torch::Tensor();
+    lora_A = register_module("lora_A", torch::nn::ModuleHolder<ProjectionImpl>(in_features, spec.r, false));
+    lora_B = register_module("lora_B", torch::nn::ModuleHolder<ProjectionImpl>(spec.r, out_features, false));
+    // PEFT: A ~ kaiming_uniform(a = sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)); B = 0, so training starts at the base.
+    const double bound = 1.0 / std::sqrt(static_cast<double>(in_features));
+    lora_A->weight.uniform_(-bound, bound);
+    lora_B->weight.zero_();
+    lora_scale = spec.use_rslora ? spec.lora_alpha / std::sqrt(static_cast<double>(spec.r))
+                                 : spec.lora_alpha / static_cast<double>(spec.r);
+    lora_dropout = spec.lora_dropout;
 }
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
@@ -152,6 +180,30 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c) {
 torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids) {
     const torch::Tensor h = model(ids);
     return lm_head ? lm_head(h) : at::linear(h, model->embed_tokens->weight);
+}
+
+int64_t apply_qlora(LlamaForCausalLM& m, const LoraSpec& spec) {
+    TORCH_CHECK(spec.r > 0, "apply_qlora: r must be positive, got ", spec.r);
+    int64_t converted = 0;
+    for (auto& item : m->named_modules()) {
+        auto* proj = item.value()->as<Projection>();
+        if (proj == nullptr || proj->quantized() || item.key().find("lora_") != std::string::npos) {
+            continue;
+        }
+        const std::string& name = item.key();
+        const std::string leaf = name.substr(name.find_last_of('.') + 1);
+        for (const std::string& t : spec.target_modules) {
+            if (leaf == t) {
+                proj->quantize(spec);
+                ++converted;
+                break;
+            }
+        }
+    }
+    for (auto& item : m->named_parameters()) {
+        item.value().set_requires_grad(item.key().find(".lora_") != std::string::npos);
+    }
+    return converted;
 }
 
 void load_weights(LlamaForCausalLM& m, const safetensors::Checkpoint& ck, at::ScalarType dtype) {

@@ -21,15 +21,22 @@ namespace st = qlora::safetensors;
 int main(int argc, char** argv) {
     const std::string cmd = argc > 1 ? argv[1] : "";
     if (!((cmd == "check" && argc == 3) || (cmd == "copy" && argc == 4) || (cmd == "model" && argc == 3) ||
-          (cmd == "logits" && argc >= 5))) {
-        std::fprintf(stderr, "usage: qlora_safetensors check FILE | copy IN OUT | model DIR | logits DIR OUT ID...\n");
+          ((cmd == "logits" || cmd == "qlogits") && argc >= 5))) {
+        std::fprintf(
+            stderr, "usage: qlora_safetensors check FILE | copy IN OUT | model DIR | logits|qlogits DIR OUT ID...\n"
+        );
         return 2;
     }
     try {
-        if (cmd == "logits") { // float32 forward of the dense model on one sequence, logits saved as "logits"
+        if (cmd == "logits" || cmd == "qlogits") {
+            // float32 forward on one sequence, logits saved as "logits"; qlogits first turns all seven projections of
+            // every layer into NF4 (blocksize 64, double quantization) + LoRA (B = 0, so LoRA adds nothing yet).
             const qlora::llama::LlamaConfig c = qlora::llama::load_config(argv[2]);
             qlora::llama::LlamaForCausalLM m(c);
             qlora::llama::load_weights(m, st::Checkpoint::open(argv[2]), at::kFloat);
+            if (cmd == "qlogits") {
+                qlora::llama::apply_qlora(m, qlora::llama::LoraSpec{});
+            }
             std::vector<int64_t> ids;
             for (int i = 4; i < argc; ++i) {
                 ids.push_back(std::stoll(argv[i]));

@@ -19,17 +19,40 @@
 #include <torch/nn/modules/embedding.h>
 #include <torch/nn/pimpl.h>
 
+#include "qlora/ops.h"
 #include "qlora/trainer/checkpoint.h"
 #include "qlora/trainer/llama_config.h"
 
 namespace qlora::llama {
 
-// A projection y = x W^T (+ b) with HF's parameter names `weight` [out, in] and `bias` [out].
+// Which projections become NF4 + LoRA, and how (PEFT's LoraConfig names; spec formats-and-ops.md §3).
+struct LoraSpec {
+    std::vector<std::string> target_modules = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                               "gate_proj", "up_proj", "down_proj"};
+    int64_t r = 8;
+    double lora_alpha = 16.0;
+    double lora_dropout = 0.0;
+    bool use_rslora = false; // scale alpha / sqrt(r) instead of alpha / r
+    int64_t blocksize = 64;
+    bool double_quant = true;
+};
+
+// A projection y = x W^T (+ b) with HF's parameter names `weight` [out, in] and `bias` [out]. After quantize(), W is
+// frozen NF4 (the dense parameter is gone) and the layer is QLoRA: y = x W^T + b + s (dropout(x) A^T) B^T through
+// qlora::linear, with A = lora_A.weight [r, in] (PEFT's Kaiming-uniform init) and B = lora_B.weight [out, r] (zeros),
+// the names PEFT uses under the module.
 class ProjectionImpl : public torch::nn::Module {
   public:
     ProjectionImpl(int64_t in_features, int64_t out_features, bool bias);
     torch::Tensor forward(const torch::Tensor& x);
+    void quantize(const LoraSpec& spec);
+    bool quantized() const { return nf4.packed.defined(); }
+
+    int64_t in_features, out_features;
     torch::Tensor weight, bias;
+    qlora::Nf4Tensor nf4; // set by quantize()
+    torch::nn::ModuleHolder<ProjectionImpl> lora_A{nullptr}, lora_B{nullptr};
+    double lora_scale = 0.0, lora_dropout = 0.0;
 };
 TORCH_MODULE(Projection);
 
@@ -96,6 +119,10 @@ TORCH_MODULE(LlamaForCausalLM);
 
 // RoPE inverse frequencies with the config's scaling (default, linear, llama3; §2.5), float32 [D / 2].
 torch::Tensor rope_inv_freq(const LlamaConfig& c);
+
+// Turns the target projections of every layer into NF4 + LoRA (quantizing their current weights) and freezes every
+// other parameter, so only lora_A / lora_B require grad. Returns the number of projections converted.
+int64_t apply_qlora(LlamaForCausalLM& m, const LoraSpec& spec);
 
 // Copies every parameter from the checkpoint (names and shapes checked first with check_checkpoint), converted to
 // `dtype`. Throws std::runtime_error naming the problem.
