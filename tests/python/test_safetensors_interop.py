@@ -154,23 +154,29 @@ def test_transformers_llama_directory_with_a_missing_tensor_is_rejected(tool, tm
     assert "missing model.layers.1.mlp.down_proj.weight" in r.stderr and r.stderr.count("\n") == 1
 
 
+def _eager_llama(case, tmp_path):
+    """A transformers LlamaForCausalLM of LLAMA_CASES[case] (eager attention, float32, weights widened from the tiny
+    default std 0.02 so every layer matters), saved to tmp_path/case; returns (model, directory)."""
+    transformers = pytest.importorskip("transformers")
+    kw = dict(vocab_size=200, hidden_size=96, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=128)
+    kw.update(LLAMA_CASES[case])
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2 if p.dim() > 1 else 1.0)
+    out = tmp_path / case
+    model.save_pretrained(out, max_shard_size="100KB" if case == "sharded" else "5GB")
+    return model, out
+
+
 @pytest.mark.parametrize("case", sorted(LLAMA_CASES))
 def test_float32_logits_equal_transformers(tool, tmp_path, case):
     # qlora's LibTorch Llama (trainer/src/llama.cpp, dense float32) against transformers' eager LlamaForCausalLM on the
     # same checkpoint. Tolerance: 1e-5 relative to the logits' scale (issue 5) plus float32 summation noise; both use
     # float32 throughout and differ only in summation order (SDPA vs eager softmax(QK^T)V, fused vs separate ops).
-    transformers = pytest.importorskip("transformers")
-    kw = dict(vocab_size=200, hidden_size=96, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=128)
-    kw.update(LLAMA_CASES[case])
-    config = transformers.LlamaConfig(**kw, attn_implementation="eager")
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():  # random weights are tiny by default (std 0.02): widen them so every layer matters
-        for p in model.parameters():
-            p.normal_(0.0, 0.2 if p.dim() > 1 else 1.0)
-    out = tmp_path / case
-    model.save_pretrained(out, max_shard_size="100KB" if case == "sharded" else "5GB")
-    ids = torch.randint(0, kw["vocab_size"], (1, 37), generator=torch.Generator().manual_seed(1))
+    model, out = _eager_llama(case, tmp_path)
+    ids = torch.randint(0, model.config.vocab_size, (1, 37), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids).logits.float()
     logits_file = str(tmp_path / "logits.safetensors")
@@ -188,25 +194,15 @@ def test_nf4_model_logits_equal_transformers_on_the_same_quantized_weights(tool,
     # The C++ model with every projection NF4 + LoRA (B = 0) against transformers running the dequantized NF4 weights
     # (qlora.quantize_nf4: the same bytes the C++ side produces, which bitsandbytes also produces, test_nf4.py), both
     # in float32: only summation order differs, so the bound is the float32 one of the dense test.
-    transformers = pytest.importorskip("transformers")
     import qlora
 
-    kw = dict(vocab_size=200, hidden_size=96, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=128)
-    kw.update(LLAMA_CASES[case])
-    config = transformers.LlamaConfig(**kw, attn_implementation="eager")
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2 if p.dim() > 1 else 1.0)
-    out = tmp_path / case
-    model.save_pretrained(out)
+    model, out = _eager_llama(case, tmp_path)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.split(".")[-1] in targets:
                 module.weight.copy_(qlora.quantize_nf4(module.weight, 64, True).dequantize(torch.float32))
-    ids = torch.randint(0, kw["vocab_size"], (1, 29), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, model.config.vocab_size, (1, 29), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         want = model(ids).logits.float()
     logits_file = str(tmp_path / "logits.safetensors")
