@@ -211,3 +211,34 @@ def test_nf4_model_logits_equal_transformers_on_the_same_quantized_weights(tool,
     assert r.returncode == 0, r.stderr
     got = safetensors_torch.load_file(logits_file)["logits"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
+
+
+def test_peft_loads_the_adapter_and_gives_the_same_logits(tool, tmp_path):
+    # issue 5: an adapter saved by qlora loads with peft.PeftModel.from_pretrained without missing/unexpected-key
+    # warnings and gives qlora's logits. The transformers base uses the same NF4-dequantized weights for the three
+    # targets (q_proj, v_proj, down_proj); float32 throughout, so the dense test's bound applies.
+    peft = pytest.importorskip("peft")
+    import warnings
+
+    import qlora
+
+    model, base_dir = _eager_llama("gqa_tied", tmp_path)
+    adapter_dir, logits_file = tmp_path / "adapter", str(tmp_path / "logits.safetensors")
+    ids = torch.randint(0, model.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(3))
+    r = subprocess.run([tool, "adapter", str(base_dir), str(adapter_dir), logits_file, *map(str, ids[0].tolist())],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.split(".")[-1] in ("q_proj", "v_proj", "down_proj"):
+                module.weight.copy_(qlora.quantize_nf4(module.weight, 64, True).dequantize(torch.float32))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = peft.PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
+    assert len(lora_b) == 2 * 3 and all(p.abs().max() > 0 for p in lora_b)  # loaded, not left at zero
+    with torch.no_grad():
+        want = peft_model(ids).logits.float()
+    got = safetensors_torch.load_file(logits_file)["logits"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())

@@ -2,9 +2,12 @@
 #include "qlora/trainer/llama.h"
 
 #include <cmath>
+#include <filesystem>
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/generated/variable_factories.h>
+
+#include "qlora/trainer/atomic_file.h"
 
 namespace qlora::llama {
 
@@ -203,7 +206,46 @@ int64_t apply_qlora(LlamaForCausalLM& m, const LoraSpec& spec) {
     for (auto& item : m->named_parameters()) {
         item.value().set_requires_grad(item.key().find(".lora_") != std::string::npos);
     }
+    m->lora = spec;
     return converted;
+}
+
+void save_adapter(const LlamaForCausalLM& m, const std::string& dir, const std::string& base_model_name_or_path) {
+    TORCH_CHECK(m->lora.has_value(), "save_adapter: the model has no LoRA layers (call apply_qlora first)");
+    const LoraSpec& spec = *m->lora;
+    std::vector<std::pair<std::string, at::Tensor>> tensors;
+    for (const auto& item : m->named_parameters()) {
+        if (item.key().find(".lora_") != std::string::npos) {
+            tensors.emplace_back("base_model.model." + item.key(), item.value().detach().to(at::kFloat));
+        }
+    }
+    std::filesystem::create_directories(dir);
+    nlohmann::json config = {
+        {"alpha_pattern", nlohmann::json::object()},
+        {"base_model_name_or_path", base_model_name_or_path},
+        {"bias", "none"},
+        {"fan_in_fan_out", false},
+        {"inference_mode", true},
+        {"init_lora_weights", true},
+        {"lora_alpha", spec.lora_alpha},
+        {"lora_bias", false},
+        {"lora_dropout", spec.lora_dropout},
+        {"modules_to_save", nullptr},
+        {"peft_type", "LORA"},
+        {"r", spec.r},
+        {"rank_pattern", nlohmann::json::object()},
+        {"revision", nullptr},
+        {"target_modules", spec.target_modules},
+        {"task_type", "CAUSAL_LM"},
+        {"use_dora", false},
+        {"use_rslora", spec.use_rslora},
+    };
+    safetensors::save((std::filesystem::path(dir) / "adapter_model.safetensors").string(), tensors);
+    const std::string text = config.dump(2) + "\n";
+    qlora::trainer::write_file_atomically(
+        (std::filesystem::path(dir) / "adapter_config.json").string(),
+        [&](qlora::trainer::FileSink& out) { out.write(text.data(), text.size()); }
+    );
 }
 
 void load_weights(LlamaForCausalLM& m, const safetensors::Checkpoint& ck, at::ScalarType dtype) {

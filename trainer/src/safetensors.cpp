@@ -2,6 +2,8 @@
 // catalogue reliability-tests.md §1.6 (S1-S26).
 #include "qlora/trainer/safetensors.h"
 
+#include "qlora/trainer/atomic_file.h"
+
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -474,33 +476,6 @@ at::Tensor File::tensor(const std::string& name) const {
 // --------------------------------------------------------------------------------------------------------------
 // Writing
 
-namespace {
-
-void write_all(int fd, const void* data, size_t size, const std::string& tmp) {
-    const auto* p = static_cast<const uint8_t*>(data);
-    while (size > 0) {
-        const ssize_t w = ::write(fd, p, std::min<size_t>(size, size_t{1} << 30));
-        if (w < 0 && errno == EINTR) {
-            continue;
-        }
-        if (w <= 0) {
-            throw SafetensorsError(tmp + ": write failed: " + std::strerror(errno));
-        }
-        p += w;
-        size -= static_cast<size_t>(w);
-    }
-}
-
-std::string directory_of(const std::string& path) {
-    const size_t slash = path.find_last_of('/');
-    if (slash == std::string::npos) {
-        return ".";
-    }
-    return slash == 0 ? "/" : path.substr(0, slash);
-}
-
-} // namespace
-
 void save(
     const std::string& path, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
     const std::map<std::string, std::string>& metadata
@@ -548,40 +523,14 @@ void save(
         fail(path, "header of " + std::to_string(text.size()) + " bytes exceeds the format's 100000000-byte limit");
     }
 
-    static std::atomic<uint64_t> counter{0};
-    const std::string tmp = path + ".tmp-" + std::to_string(getpid()) + "-" + std::to_string(counter++);
-    const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
-    if (fd < 0) {
-        fail(tmp, std::string("cannot create: ") + std::strerror(errno));
-    }
-    try {
+    qlora::trainer::write_file_atomically(path, [&](qlora::trainer::FileSink& out) {
         const uint64_t n = text.size();
-        write_all(fd, &n, sizeof(n), tmp);
-        write_all(fd, text.data(), text.size(), tmp);
+        out.write(&n, sizeof(n));
+        out.write(text.data(), text.size());
         for (const Entry& e : entries) {
-            write_all(fd, e.data.const_data_ptr(), static_cast<size_t>(e.data.nbytes()), tmp);
+            out.write(e.data.const_data_ptr(), static_cast<size_t>(e.data.nbytes()));
         }
-        if (fsync(fd) != 0) {
-            throw SafetensorsError(tmp + ": fsync failed: " + std::strerror(errno));
-        }
-        if (::close(fd) != 0) {
-            throw SafetensorsError(tmp + ": close failed: " + std::strerror(errno));
-        }
-    } catch (...) {
-        ::close(fd);
-        ::unlink(tmp.c_str());
-        throw;
-    }
-    if (std::rename(tmp.c_str(), path.c_str()) != 0) {
-        const int err = errno;
-        ::unlink(tmp.c_str());
-        fail(path, std::string("cannot replace: ") + std::strerror(err));
-    }
-    const int dir = ::open(directory_of(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dir >= 0) {
-        fsync(dir);
-        ::close(dir);
-    }
+    });
 }
 
 } // namespace qlora::safetensors

@@ -21,13 +21,44 @@ namespace st = qlora::safetensors;
 int main(int argc, char** argv) {
     const std::string cmd = argc > 1 ? argv[1] : "";
     if (!((cmd == "check" && argc == 3) || (cmd == "copy" && argc == 4) || (cmd == "model" && argc == 3) ||
-          ((cmd == "logits" || cmd == "qlogits") && argc >= 5))) {
+          ((cmd == "logits" || cmd == "qlogits") && argc >= 5) || (cmd == "adapter" && argc >= 6))) {
         std::fprintf(
-            stderr, "usage: qlora_safetensors check FILE | copy IN OUT | model DIR | logits|qlogits DIR OUT ID...\n"
+            stderr,
+            "usage: qlora_safetensors check FILE | copy IN OUT | model DIR | logits|qlogits DIR OUT ID... | adapter "
+            "DIR ADAPTER_DIR OUT ID...\n"
         );
         return 2;
     }
     try {
+        if (cmd == "adapter") {
+            // NF4 + LoRA (r 4, alpha 8) on q_proj, v_proj and down_proj with lora_B set to seeded random values, the
+            // adapter saved in PEFT format to ADAPTER_DIR, and the float32 logits of ID... saved to OUT.
+            const qlora::llama::LlamaConfig c = qlora::llama::load_config(argv[2]);
+            qlora::llama::LlamaForCausalLM m(c);
+            qlora::llama::load_weights(m, st::Checkpoint::open(argv[2]), at::kFloat);
+            qlora::llama::LoraSpec spec;
+            spec.r = 4;
+            spec.lora_alpha = 8.0;
+            spec.target_modules = {"q_proj", "v_proj", "down_proj"};
+            torch::manual_seed(7);
+            qlora::llama::apply_qlora(m, spec);
+            {
+                torch::NoGradGuard no_grad;
+                for (auto& item : m->named_parameters()) {
+                    if (item.key().find("lora_B") != std::string::npos) {
+                        item.value().normal_(0.0, 0.1);
+                    }
+                }
+            }
+            qlora::llama::save_adapter(m, argv[3], argv[2]);
+            std::vector<int64_t> ids;
+            for (int i = 5; i < argc; ++i) {
+                ids.push_back(std::stoll(argv[i]));
+            }
+            torch::NoGradGuard no_grad;
+            st::save(argv[4], {{"logits", m->forward(torch::tensor(ids).view({1, -1}))}});
+            return 0;
+        }
         if (cmd == "logits" || cmd == "qlogits") {
             // float32 forward on one sequence, logits saved as "logits"; qlogits first turns all seven projections of
             // every layer into NF4 (blocksize 64, double quantization) + LoRA (B = 0, so LoRA adds nothing yet).

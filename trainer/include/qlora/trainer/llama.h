@@ -12,6 +12,7 @@
 // E hidden, H heads, K key/value heads, D head_dim, V vocabulary.
 #pragma once
 
+#include <optional>
 #include <string>
 
 #include <torch/nn/module.h>
@@ -113,7 +114,8 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
     // ids [B, T] int64 -> logits [B, T, V].
     torch::Tensor forward(const torch::Tensor& ids);
     LlamaModel model{nullptr};
-    Projection lm_head{nullptr}; // null when tied
+    Projection lm_head{nullptr};  // null when tied
+    std::optional<LoraSpec> lora; // set by apply_qlora
 };
 TORCH_MODULE(LlamaForCausalLM);
 
@@ -123,6 +125,11 @@ torch::Tensor rope_inv_freq(const LlamaConfig& c);
 // Turns the target projections of every layer into NF4 + LoRA (quantizing their current weights) and freezes every
 // other parameter, so only lora_A / lora_B require grad. Returns the number of projections converted.
 int64_t apply_qlora(LlamaForCausalLM& m, const LoraSpec& spec);
+
+// PEFT-format adapter directory: adapter_config.json (PEFT's LoraConfig keys, sorted, indent 2) and
+// adapter_model.safetensors (`base_model.model.<module>.lora_A.weight` [r, in], `.lora_B.weight` [out, r], float32),
+// both written atomically, loadable by peft.PeftModel.from_pretrained on the transformers model of the same checkpoint.
+void save_adapter(const LlamaForCausalLM& m, const std::string& dir, const std::string& base_model_name_or_path);
 
 // Copies every parameter from the checkpoint (names and shapes checked first with check_checkpoint), converted to
 // `dtype`. Throws std::runtime_error naming the problem.
