@@ -242,3 +242,60 @@ def test_peft_loads_the_adapter_and_gives_the_same_logits(tool, tmp_path):
         want = peft_model(ids).logits.float()
     got = safetensors_torch.load_file(logits_file)["logits"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max())
+
+
+def _peft_adapter(model, tmp_path, **lora):
+    """A PEFT LoRA (r 4, alpha 8 unless given) on q_proj, v_proj, down_proj with random B, saved to tmp_path/peft."""
+    peft = pytest.importorskip("peft")
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    cfg.update(lora)
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(**cfg))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    peft_model.save_pretrained(tmp_path / "peft")
+    return peft_model.eval(), tmp_path / "peft"
+
+
+def test_adapters_trained_by_peft_load_with_the_same_effect(tool, tmp_path):
+    # peft -> qlora: the adapter's effect on the logits is PEFT's. Base weights of the targets are NF4 on qlora's side,
+    # so the PEFT model runs on the same dequantized NF4 weights (float32; the dense test's bound applies).
+    import qlora
+
+    model, base_dir = _eager_llama("gqa_tied", tmp_path)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.split(".")[-1] in ("q_proj", "v_proj", "down_proj"):
+                module.weight.copy_(qlora.quantize_nf4(module.weight, 64, True).dequantize(torch.float32))
+    peft_model, adapter_dir = _peft_adapter(model, tmp_path, use_rslora=True)
+    ids = torch.randint(0, model.config.vocab_size, (1, 19), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = peft_model(ids).logits.float()
+    logits_file = str(tmp_path / "logits.safetensors")
+    r = subprocess.run([tool, "load-adapter", str(base_dir), str(adapter_dir), logits_file, *map(str, ids[0].tolist())],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    torch.testing.assert_close(safetensors_torch.load_file(logits_file)["logits"], want, rtol=1e-5,
+                               atol=1e-5 * want.abs().max())
+
+
+def test_mismatched_adapters_name_the_module(tool, tmp_path):
+    model, base_dir = _eager_llama("gqa_tied", tmp_path)
+    _, adapter_dir = _peft_adapter(model, tmp_path)
+    weights = str(adapter_dir / "adapter_model.safetensors")
+    tensors = safetensors_torch.load_file(weights)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key] = torch.zeros(tensors[key].shape[0], 5)  # rank 5 where the config says 4
+    safetensors_torch.save_file(tensors, weights, metadata={"format": "pt"})
+    args = [tool, "load-adapter", str(base_dir), str(adapter_dir), str(tmp_path / "l.safetensors"), "1", "2"]
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 1 and "module model.layers.1.self_attn.v_proj expects [48, 4]" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+    import json
+
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(cfg))
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 1 and "key 'use_dora' is true, which qlora does not support" in r.stderr, r.stderr

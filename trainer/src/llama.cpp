@@ -3,11 +3,13 @@
 
 #include <cmath>
 #include <filesystem>
+#include <set>
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/generated/variable_factories.h>
 
 #include "qlora/trainer/atomic_file.h"
+#include "qlora/trainer/json.h"
 
 namespace qlora::llama {
 
@@ -246,6 +248,107 @@ void save_adapter(const LlamaForCausalLM& m, const std::string& dir, const std::
         (std::filesystem::path(dir) / "adapter_config.json").string(),
         [&](qlora::trainer::FileSink& out) { out.write(text.data(), text.size()); }
     );
+}
+
+void load_adapter(LlamaForCausalLM& m, const std::string& dir) {
+    const std::string config_path = (std::filesystem::path(dir) / "adapter_config.json").string();
+    const nlohmann::json j = qlora::trainer::read_json_file(config_path);
+    const auto fail = [&](const std::string& msg) {
+        throw std::runtime_error(config_path + ": " + msg);
+    };
+    if (!j.is_object() || !j.contains("peft_type") || j["peft_type"] != "LORA") {
+        fail("key 'peft_type' must be \"LORA\"");
+    }
+    LoraSpec spec;
+    if (j.contains("r")) {
+        if (!j["r"].is_number_integer() || j["r"].get<int64_t>() <= 0) {
+            fail("key 'r' must be a positive integer, got " + j["r"].dump());
+        }
+        spec.r = j["r"].get<int64_t>();
+    }
+    spec.lora_alpha = 8.0; // PEFT's default
+    if (j.contains("lora_alpha")) {
+        if (!j["lora_alpha"].is_number()) {
+            fail("key 'lora_alpha' must be a number, got " + j["lora_alpha"].dump());
+        }
+        spec.lora_alpha = j["lora_alpha"].get<double>();
+    }
+    if (j.contains("lora_dropout") && j["lora_dropout"].is_number()) {
+        spec.lora_dropout = j["lora_dropout"].get<double>();
+    }
+    if (j.contains("use_rslora") && j["use_rslora"].is_boolean()) {
+        spec.use_rslora = j["use_rslora"].get<bool>();
+    }
+    if (!j.contains("target_modules") || !j["target_modules"].is_array()) {
+        fail(
+            "key 'target_modules' must be a list of module names (regular expressions and \"all-linear\" are not "
+            "supported), got " +
+            (j.contains("target_modules") ? j["target_modules"].dump() : std::string("nothing"))
+        );
+    }
+    spec.target_modules.clear();
+    for (const auto& t : j["target_modules"]) {
+        if (!t.is_string()) {
+            fail("key 'target_modules' must hold strings, got " + t.dump());
+        }
+        spec.target_modules.push_back(t.get<std::string>());
+    }
+    const auto refuse_true = [&](const char* key) {
+        if (j.contains(key) && j[key].is_boolean() && j[key].get<bool>()) {
+            fail(std::string("key '") + key + "' is true, which qlora does not support");
+        }
+    };
+    refuse_true("use_dora");
+    refuse_true("lora_bias");
+    refuse_true("fan_in_fan_out");
+    for (const char* key : {"rank_pattern", "alpha_pattern"}) {
+        if (j.contains(key) && j[key].is_object() && !j[key].empty()) {
+            fail(std::string("key '") + key + "' is not empty, which qlora does not support");
+        }
+    }
+    if (j.contains("modules_to_save") && !j["modules_to_save"].is_null() && !j["modules_to_save"].empty()) {
+        fail("key 'modules_to_save' is not supported, got " + j["modules_to_save"].dump());
+    }
+    if (j.contains("bias") && j["bias"] != "none") {
+        fail("key 'bias' must be \"none\", got " + j["bias"].dump());
+    }
+    if (!m->lora.has_value()) {
+        apply_qlora(m, spec);
+    } else {
+        const LoraSpec& have = *m->lora;
+        if (have.r != spec.r || have.lora_alpha != spec.lora_alpha || have.use_rslora != spec.use_rslora ||
+            have.target_modules != spec.target_modules) {
+            fail("r, lora_alpha, use_rslora or target_modules differ from the model's LoRA layers");
+        }
+    }
+    const std::string weights = (std::filesystem::path(dir) / "adapter_model.safetensors").string();
+    const safetensors::File file = safetensors::File::open(weights);
+    std::set<std::string> used;
+    torch::NoGradGuard no_grad;
+    for (auto& item : m->named_parameters()) {
+        if (item.key().find(".lora_") == std::string::npos) {
+            continue;
+        }
+        const std::string key = "base_model.model." + item.key();
+        const safetensors::TensorInfo* info = file.find(key);
+        const std::string module = item.key().substr(0, item.key().find(".lora_"));
+        if (info == nullptr) {
+            throw std::runtime_error(weights + ": no " + key + " for module " + module);
+        }
+        if (info->shape != item.value().sizes().vec()) {
+            throw std::runtime_error(
+                weights + ": " + key + " has shape " + c10::str(c10::IntArrayRef(info->shape)) + " but module " +
+                module + " expects " + c10::str(item.value().sizes()) + " (rank or target modules differ?)"
+            );
+        }
+        item.value().copy_(file.tensor(key));
+        used.insert(key);
+    }
+    for (const safetensors::TensorInfo& t : file.header().tensors) {
+        if (used.count(t.name) == 0) {
+            throw std::runtime_error(weights + ": " + t.name + " matches no LoRA layer of the model");
+        }
+    }
 }
 
 void load_weights(LlamaForCausalLM& m, const safetensors::Checkpoint& ck, at::ScalarType dtype) {

@@ -21,15 +21,30 @@ namespace st = qlora::safetensors;
 int main(int argc, char** argv) {
     const std::string cmd = argc > 1 ? argv[1] : "";
     if (!((cmd == "check" && argc == 3) || (cmd == "copy" && argc == 4) || (cmd == "model" && argc == 3) ||
-          ((cmd == "logits" || cmd == "qlogits") && argc >= 5) || (cmd == "adapter" && argc >= 6))) {
+          ((cmd == "logits" || cmd == "qlogits") && argc >= 5) ||
+          ((cmd == "adapter" || cmd == "load-adapter") && argc >= 6))) {
         std::fprintf(
             stderr,
             "usage: qlora_safetensors check FILE | copy IN OUT | model DIR | logits|qlogits DIR OUT ID... | adapter "
-            "DIR ADAPTER_DIR OUT ID...\n"
+            "DIR ADAPTER_DIR OUT ID... | load-adapter DIR ADAPTER_DIR OUT ID...\n"
         );
         return 2;
     }
     try {
+        if (cmd == "load-adapter") { // base + a PEFT adapter (NF4 targets from its config), float32 logits to OUT
+            const qlora::llama::LlamaConfig c = qlora::llama::load_config(argv[2]);
+            qlora::llama::LlamaForCausalLM m(c);
+            qlora::llama::load_weights(m, st::Checkpoint::open(argv[2]), at::kFloat);
+            qlora::llama::load_adapter(m, argv[3]);
+            std::vector<int64_t> ids;
+            for (int i = 5; i < argc; ++i) {
+                ids.push_back(std::stoll(argv[i]));
+            }
+            m->eval();
+            torch::NoGradGuard no_grad;
+            st::save(argv[4], {{"logits", m->forward(torch::tensor(ids).view({1, -1}))}});
+            return 0;
+        }
         if (cmd == "adapter") {
             // NF4 + LoRA (r 4, alpha 8) on q_proj, v_proj and down_proj with lora_B set to seeded random values, the
             // adapter saved in PEFT format to ADAPTER_DIR, and the float32 logits of ID... saved to OUT.

@@ -131,6 +131,14 @@ int64_t apply_qlora(LlamaForCausalLM& m, const LoraSpec& spec);
 // both written atomically, loadable by peft.PeftModel.from_pretrained on the transformers model of the same checkpoint.
 void save_adapter(const LlamaForCausalLM& m, const std::string& dir, const std::string& base_model_name_or_path);
 
+// Loads a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, written by PEFT or by
+// save_adapter). A model without LoRA layers gets them first (apply_qlora with the adapter's r, lora_alpha,
+// lora_dropout, use_rslora and target_modules); a model with LoRA layers must have been converted with the same
+// settings. Every adapter tensor must match a LoRA parameter of the model by name and shape and every LoRA parameter
+// must be present; otherwise a one-line error names the module. Unsupported PEFT options (DoRA, LoRA bias,
+// rank/alpha patterns, modules_to_save, fan_in_fan_out) are refused naming the key.
+void load_adapter(LlamaForCausalLM& m, const std::string& dir);
+
 // Copies every parameter from the checkpoint (names and shapes checked first with check_checkpoint), converted to
 // `dtype`. Throws std::runtime_error naming the problem.
 void load_weights(LlamaForCausalLM& m, const safetensors::Checkpoint& ck, at::ScalarType dtype);
