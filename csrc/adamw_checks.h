@@ -122,14 +122,16 @@ template <typename F> void adamw_visit_dtype(at::ScalarType t, F&& f) {
     }
 }
 
+// The kernel parameters of checked tensors. T is the kernel's element type for param's dtype: float, c10::BFloat16 /
+// c10::Half on the CPU, __nv_bfloat16 / __half on CUDA (same sizes and bits; the dtype was checked by the caller).
 template <typename T>
 core::Adamw8Params<T> adamw8_params(
     at::Tensor& param, const at::Tensor& grad, at::Tensor& state1, at::Tensor& state2, at::Tensor& absmax1,
     at::Tensor& absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2, const core::AdamwScalars& s
 ) {
     core::Adamw8Params<T> p{};
-    p.param = param.data_ptr<T>();
-    p.grad = grad.const_data_ptr<T>();
+    p.param = static_cast<T*>(param.data_ptr());
+    p.grad = static_cast<const T*>(grad.const_data_ptr());
     p.state1 = state1.data_ptr<uint8_t>();
     p.state2 = state2.data_ptr<uint8_t>();
     p.absmax1 = absmax1.data_ptr<float>();
@@ -146,8 +148,8 @@ core::Adamw32Params<T> adamw32_params(
     at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg, at::Tensor& exp_avg_sq, const core::AdamwScalars& s
 ) {
     core::Adamw32Params<T> p{};
-    p.param = param.data_ptr<T>();
-    p.grad = grad.const_data_ptr<T>();
+    p.param = static_cast<T*>(param.data_ptr());
+    p.grad = static_cast<const T*>(grad.const_data_ptr());
     p.exp_avg = exp_avg.data_ptr<float>();
     p.exp_avg_sq = exp_avg_sq.data_ptr<float>();
     p.n = param.numel();

@@ -103,13 +103,14 @@ QLORA_HD QLORA_INLINE float adamw_delta(float m, float v, const AdamwScalars& s)
     return fmul_rn(s.step_size, fdiv_rn(m, fadd_rn(fsqrt_rn(v), s.eps_hat)));
 }
 
-// The parameter after the Adam step and after decay, each before rounding to the parameter dtype (the caller
-// rounds p + delta to its dtype, then applies adamw_decay to that rounded value and rounds again).
-QLORA_HD QLORA_INLINE float adamw_apply_delta(float p, float delta) {
-    return fadd_rn(p, delta);
-}
-QLORA_HD QLORA_INLINE float adamw_decay(float p, const AdamwScalars& s) {
-    return s.has_decay ? fmul_rn(p, s.decay) : p;
+// The new parameter as a float32 value for the caller to store in the parameter dtype T: p + delta rounded to T
+// (`round_to_param(x)` returns T(x) widened back to float32), then, with weight decay, that rounded value times
+// (1 − lr·wd), which the caller's store rounds to T again: two roundings, in bitsandbytes' order (Note [AdamW8 update
+// order] step 3). Without decay the result is already a T value, so the store is exact.
+template <typename RoundToParam>
+QLORA_HD QLORA_INLINE float adamw_new_param(float p, float delta, const AdamwScalars& s, RoundToParam round_to_param) {
+    const float stepped = round_to_param(fadd_rn(p, delta));
+    return s.has_decay ? fmul_rn(stepped, s.decay) : stepped;
 }
 
 // --------------------------------------------------------------------------------------------------------------

@@ -17,8 +17,10 @@ using core::kAdamw8BlockSize;
 // Scalar reference
 
 template <typename T> void adamw_store_param(T* p, float delta, const core::AdamwScalars& s) {
-    const T stepped = static_cast<T>(core::adamw_apply_delta(static_cast<float>(*p), delta));
-    *p = s.has_decay ? static_cast<T>(core::adamw_decay(static_cast<float>(stepped), s)) : stepped;
+    const auto round = [](float x) {
+        return static_cast<float>(static_cast<T>(x));
+    };
+    *p = static_cast<T>(core::adamw_new_param(static_cast<float>(*p), delta, s, round));
 }
 
 template <typename T>

@@ -24,41 +24,7 @@ template <typename T> struct CudaElement { using type = T; };
 template <> struct CudaElement<c10::BFloat16> { using type = __nv_bfloat16; };
 template <> struct CudaElement<c10::Half> { using type = __half; };
 template <typename T> using cuda_element_t = typename CudaElement<T>::type;
-
-template <typename T> cuda_element_t<T>* as_cuda(T* p) {
-    static_assert(sizeof(cuda_element_t<T>) == sizeof(T), "same storage");
-    return reinterpret_cast<cuda_element_t<T>*>(p);
-}
-template <typename T> const cuda_element_t<T>* as_cuda(const T* p) {
-    static_assert(sizeof(cuda_element_t<T>) == sizeof(T), "same storage");
-    return reinterpret_cast<const cuda_element_t<T>*>(p);
-}
-
-// The params adamw_checks.h fills with ATen element pointers, retyped for the kernels.
-template <typename T> core::Adamw8Params<cuda_element_t<T>> as_cuda(const core::Adamw8Params<T>& a) {
-    core::Adamw8Params<cuda_element_t<T>> p{};
-    p.param = as_cuda(a.param);
-    p.grad = as_cuda(a.grad);
-    p.state1 = a.state1;
-    p.state2 = a.state2;
-    p.absmax1 = a.absmax1;
-    p.absmax2 = a.absmax2;
-    p.qmap1 = a.qmap1;
-    p.qmap2 = a.qmap2;
-    p.n = a.n;
-    p.scalars = a.scalars;
-    return p;
-}
-template <typename T> core::Adamw32Params<cuda_element_t<T>> as_cuda(const core::Adamw32Params<T>& a) {
-    core::Adamw32Params<cuda_element_t<T>> p{};
-    p.param = as_cuda(a.param);
-    p.grad = as_cuda(a.grad);
-    p.exp_avg = a.exp_avg;
-    p.exp_avg_sq = a.exp_avg_sq;
-    p.n = a.n;
-    p.scalars = a.scalars;
-    return p;
-}
+static_assert(sizeof(__nv_bfloat16) == sizeof(c10::BFloat16) && sizeof(__half) == sizeof(c10::Half), "same storage");
 
 void check_cuda(const at::Tensor& t, const char* op, const char* name) {
     TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
@@ -78,9 +44,8 @@ void adamw8bit_step_cuda(
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     adamw_visit_dtype(param.scalar_type(), [&](auto tag) {
         using T = decltype(tag);
-        const core::Adamw8Params<T> p =
-            adamw8_params<T>(param, grad, state1, state2, absmax1, absmax2, qmap1, qmap2, s);
-        adamw8_launch<cuda_element_t<T>>(as_cuda(p), stream);
+        using E = cuda_element_t<T>;
+        adamw8_launch<E>(adamw8_params<E>(param, grad, state1, state2, absmax1, absmax2, qmap1, qmap2, s), stream);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -96,8 +61,8 @@ void adamw32bit_step_cuda(
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     adamw_visit_dtype(param.scalar_type(), [&](auto tag) {
         using T = decltype(tag);
-        const core::Adamw32Params<T> p = adamw32_params<T>(param, grad, exp_avg, exp_avg_sq, s);
-        adamw32_launch<cuda_element_t<T>>(as_cuda(p), stream);
+        using E = cuda_element_t<T>;
+        adamw32_launch<E>(adamw32_params<E>(param, grad, exp_avg, exp_avg_sq, s), stream);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

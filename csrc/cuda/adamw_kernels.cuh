@@ -19,11 +19,12 @@
 
 namespace qlora::cuda {
 
-// p = T(p + delta), then, with weight decay, p = T(T(p + delta) · (1 − lr·wd)): two roundings to T, as the CPU's
-// adamw_store_param.
+// *p = the new parameter of core::adamw_new_param in T.
 template <typename T> __device__ QLORA_INLINE void adamw_store_param(T* p, float delta, const core::AdamwScalars& s) {
-    const T stepped = from_float<T>(core::adamw_apply_delta(to_float(*p), delta));
-    *p = s.has_decay ? from_float<T>(core::adamw_decay(to_float(stepped), s)) : stepped;
+    const auto round = [](float x) {
+        return to_float(from_float<T>(x));
+    };
+    *p = from_float<T>(core::adamw_new_param(to_float(*p), delta, s, round));
 }
 
 // --------------------------------------------------------------------------------------------------------------
