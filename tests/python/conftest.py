@@ -46,3 +46,46 @@ def has_cuda() -> bool:
 
 
 requires_cuda = pytest.mark.skipif(not has_cuda(), reason="no CUDA device on this machine")
+
+
+# The C++ test driver of the trainer library (trainer/tools/safetensors_tool.cpp), built by CMake.
+TOOL = os.path.join(REPO, "build", "bin", "qlora_safetensors")
+
+
+@pytest.fixture(scope="module")
+def tool():
+    if not os.path.exists(TOOL):
+        if os.environ.get("QLORA_REQUIRE_CMAKE_BUILD") == "1":
+            pytest.fail(f"{TOOL} is missing: the CMake build did not produce it")
+        pytest.skip("CMake build not present (run scripts/test.sh)")
+    return TOOL
+
+
+LLAMA_CASES = {
+    "mha_untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa_tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "head_dim_bias": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32, attention_bias=True,
+                          mlp_bias=True),
+    "llama3_rope": dict(num_attention_heads=4, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                        rope_theta=500000.0),
+    "sharded": dict(num_attention_heads=6, num_key_value_heads=2),
+}
+
+
+def eager_llama(case, tmp_path, **overrides):
+    """A transformers LlamaForCausalLM of LLAMA_CASES[case] (eager attention, float32, weights widened from the tiny
+    default std 0.02 so every layer matters) with `overrides` of its config, saved to tmp_path/case; returns (model,
+    directory)."""
+    transformers = pytest.importorskip("transformers")
+    kw = dict(vocab_size=200, hidden_size=96, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=128)
+    kw.update(LLAMA_CASES[case])
+    kw.update(overrides)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw, attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2 if p.dim() > 1 else 1.0)
+    out = tmp_path / case
+    model.save_pretrained(out, max_shard_size="100KB" if case == "sharded" else "5GB")
+    return model, out

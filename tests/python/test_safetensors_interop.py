@@ -11,20 +11,10 @@ import subprocess
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import LLAMA_CASES, eager_llama
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-TOOL = os.path.join(REPO, "build", "bin", "qlora_safetensors")
-
-
-@pytest.fixture(scope="module")
-def tool():
-    if not os.path.exists(TOOL):
-        if os.environ.get("QLORA_REQUIRE_CMAKE_BUILD") == "1":
-            pytest.fail(f"{TOOL} is missing: the CMake build did not produce it")
-        pytest.skip("CMake build not present (run scripts/test.sh)")
-    return TOOL
 
 
 def random_tensors(seed):
@@ -96,18 +86,6 @@ def test_files_the_reference_rejects_are_rejected(tool, tmp_path, mutate, messag
 # Llama directories written by transformers (issue 5's model configs): config.json parsed as transformers reads it, and
 # the checkpoint's tensor names and shapes match what qlora expects from that config.
 
-LLAMA_CASES = {
-    "mha_untied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
-    "gqa_tied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    "head_dim_bias": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32, attention_bias=True,
-                          mlp_bias=True),
-    "llama3_rope": dict(num_attention_heads=4, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
-                        rope_theta=500000.0),
-    "sharded": dict(num_attention_heads=6, num_key_value_heads=2),
-}
-
-
 @pytest.mark.parametrize("case", sorted(LLAMA_CASES))
 def test_transformers_llama_directory(tool, tmp_path, case):
     transformers = pytest.importorskip("transformers")
@@ -154,28 +132,12 @@ def test_transformers_llama_directory_with_a_missing_tensor_is_rejected(tool, tm
     assert "missing model.layers.1.mlp.down_proj.weight" in r.stderr and r.stderr.count("\n") == 1
 
 
-def _eager_llama(case, tmp_path):
-    """A transformers LlamaForCausalLM of LLAMA_CASES[case] (eager attention, float32, weights widened from the tiny
-    default std 0.02 so every layer matters), saved to tmp_path/case; returns (model, directory)."""
-    transformers = pytest.importorskip("transformers")
-    kw = dict(vocab_size=200, hidden_size=96, intermediate_size=160, num_hidden_layers=2, max_position_embeddings=128)
-    kw.update(LLAMA_CASES[case])
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw, attn_implementation="eager")).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.2 if p.dim() > 1 else 1.0)
-    out = tmp_path / case
-    model.save_pretrained(out, max_shard_size="100KB" if case == "sharded" else "5GB")
-    return model, out
-
-
 @pytest.mark.parametrize("case", sorted(LLAMA_CASES))
 def test_float32_logits_equal_transformers(tool, tmp_path, case):
     # qlora's LibTorch Llama (trainer/src/llama.cpp, dense float32) against transformers' eager LlamaForCausalLM on the
     # same checkpoint. Tolerance: 1e-5 relative to the logits' scale (issue 5) plus float32 summation noise; both use
     # float32 throughout and differ only in summation order (SDPA vs eager softmax(QK^T)V, fused vs separate ops).
-    model, out = _eager_llama(case, tmp_path)
+    model, out = eager_llama(case, tmp_path)
     ids = torch.randint(0, model.config.vocab_size, (1, 37), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids).logits.float()
@@ -196,7 +158,7 @@ def test_nf4_model_logits_equal_transformers_on_the_same_quantized_weights(tool,
     # in float32: only summation order differs, so the bound is the float32 one of the dense test.
     import qlora
 
-    model, out = _eager_llama(case, tmp_path)
+    model, out = eager_llama(case, tmp_path)
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     with torch.no_grad():
         for name, module in model.named_modules():
@@ -222,7 +184,7 @@ def test_peft_loads_the_adapter_and_gives_the_same_logits(tool, tmp_path):
 
     import qlora
 
-    model, base_dir = _eager_llama("gqa_tied", tmp_path)
+    model, base_dir = eager_llama("gqa_tied", tmp_path)
     adapter_dir, logits_file = tmp_path / "adapter", str(tmp_path / "logits.safetensors")
     ids = torch.randint(0, model.config.vocab_size, (1, 23), generator=torch.Generator().manual_seed(3))
     r = subprocess.run([tool, "adapter", str(base_dir), str(adapter_dir), logits_file, *map(str, ids[0].tolist())],
@@ -263,7 +225,7 @@ def test_adapters_trained_by_peft_load_with_the_same_effect(tool, tmp_path):
     # so the PEFT model runs on the same dequantized NF4 weights (float32; the dense test's bound applies).
     import qlora
 
-    model, base_dir = _eager_llama("gqa_tied", tmp_path)
+    model, base_dir = eager_llama("gqa_tied", tmp_path)
     with torch.no_grad():
         for name, module in model.named_modules():
             if name.split(".")[-1] in ("q_proj", "v_proj", "down_proj"):
@@ -281,7 +243,7 @@ def test_adapters_trained_by_peft_load_with_the_same_effect(tool, tmp_path):
 
 
 def test_mismatched_adapters_name_the_module(tool, tmp_path):
-    model, base_dir = _eager_llama("gqa_tied", tmp_path)
+    model, base_dir = eager_llama("gqa_tied", tmp_path)
     _, adapter_dir = _peft_adapter(model, tmp_path)
     weights = str(adapter_dir / "adapter_model.safetensors")
     tensors = safetensors_torch.load_file(weights)

@@ -1,9 +1,12 @@
 // trainer/src/checkpoint.cpp: see qlora/trainer/checkpoint.h.
 #include "qlora/trainer/checkpoint.h"
 
+#include <cstdio>
 #include <filesystem>
+#include <regex>
 #include <set>
 
+#include "qlora/trainer/atomic_file.h"
 #include "qlora/trainer/json.h"
 
 namespace qlora::safetensors {
@@ -121,12 +124,78 @@ at::Tensor Checkpoint::tensor(const std::string& name) const {
     return files_[it->second].tensor(name);
 }
 
+at::Tensor Checkpoint::read(const std::string& name) const {
+    const auto it = where_.find(name);
+    if (it == where_.end()) {
+        fail(dir_, "checkpoint has no tensor \"" + name + "\"");
+    }
+    return files_[it->second].read(name);
+}
+
+std::vector<std::string> Checkpoint::names_in_storage_order() const {
+    std::vector<std::string> out;
+    for (const File& f : files_) {
+        for (const TensorInfo& t : f.header().tensors) { // data order (parse_header)
+            out.push_back(t.name);
+        }
+    }
+    return out;
+}
+
 const std::string& Checkpoint::file_of(const std::string& name) const {
     const auto it = where_.find(name);
     if (it == where_.end()) {
         fail(dir_, "checkpoint has no tensor \"" + name + "\"");
     }
     return files_[it->second].path();
+}
+
+void save_checkpoint(
+    const std::string& dir, const std::vector<std::pair<std::string, at::Tensor>>& tensors, uint64_t max_shard_bytes
+) {
+    fs::create_directories(dir);
+    std::vector<std::vector<std::pair<std::string, at::Tensor>>> shards(1);
+    uint64_t in_shard = 0, total = 0;
+    for (const auto& named : tensors) {
+        const uint64_t bytes = named.second.nbytes();
+        if (in_shard > 0 && in_shard + bytes > max_shard_bytes) {
+            shards.emplace_back();
+            in_shard = 0;
+        }
+        shards.back().push_back(named);
+        in_shard += bytes;
+        total += bytes;
+    }
+    std::set<std::string> written;
+    if (shards.size() == 1) {
+        save((fs::path(dir) / "model.safetensors").string(), shards[0]);
+        written.insert("model.safetensors");
+    } else {
+        nlohmann::json weight_map = nlohmann::json::object();
+        char name[64];
+        for (size_t i = 0; i < shards.size(); ++i) {
+            std::snprintf(name, sizeof(name), "model-%05zu-of-%05zu.safetensors", i + 1, shards.size());
+            save((fs::path(dir) / name).string(), shards[i]);
+            written.insert(name);
+            for (const auto& named : shards[i]) {
+                weight_map[named.first] = name;
+            }
+        }
+        const nlohmann::json index = {{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}};
+        const std::string text = index.dump(2) + "\n";
+        qlora::trainer::write_file_atomically(
+            (fs::path(dir) / "model.safetensors.index.json").string(),
+            [&](qlora::trainer::FileSink& out) { out.write(text.data(), text.size()); }
+        );
+        written.insert("model.safetensors.index.json");
+    }
+    static const std::regex kWeightFile(R"(model\.safetensors(\.index\.json)?|model-\d{5}-of-\d{5}\.safetensors)");
+    for (const auto& entry : fs::directory_iterator(dir)) {
+        const std::string file = entry.path().filename().string();
+        if (std::regex_match(file, kWeightFile) && written.count(file) == 0) {
+            fs::remove(entry.path());
+        }
+    }
 }
 
 } // namespace qlora::safetensors

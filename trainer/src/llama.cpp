@@ -1,14 +1,20 @@
 // trainer/src/llama.cpp: see qlora/trainer/llama.h.
 #include "qlora/trainer/llama.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <set>
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/generated/variable_factories.h>
 
 #include "qlora/trainer/atomic_file.h"
+#include "qlora/trainer/bnb_nf4.h"
 #include "qlora/trainer/json.h"
 
 namespace qlora::llama {
@@ -16,11 +22,17 @@ namespace qlora::llama {
 // --------------------------------------------------------------------------------------------------------------
 // Building blocks
 
-ProjectionImpl::ProjectionImpl(int64_t in_f, int64_t out_f, bool has_bias) : in_features(in_f), out_features(out_f) {
-    // transformers' init (initializer_range 0.02); checkpoints overwrite it.
-    weight = register_parameter("weight", torch::empty({out_features, in_features}).normal_(0.0, 0.02));
+ProjectionImpl::ProjectionImpl(int64_t in_f, int64_t out_f, bool has_bias, Init init)
+    : in_features(in_f), out_features(out_f) {
+    at::Tensor w = torch::empty({out_features, in_features});
+    if (init == Init::kRandom) {
+        w.normal_(0.0, 0.02); // transformers' init (initializer_range 0.02); checkpoints overwrite it
+    }
+    weight = register_parameter("weight", w);
     if (has_bias) {
-        bias = register_parameter("bias", torch::zeros({out_features}));
+        bias = register_parameter(
+            "bias", init == Init::kRandom ? torch::zeros({out_features}) : torch::empty({out_features})
+        );
     }
 }
 
@@ -28,6 +40,9 @@ torch::Tensor ProjectionImpl::forward(const torch::Tensor& x) {
     const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
     if (!quantized()) {
         return at::linear(x, weight, b);
+    }
+    if (!has_lora()) {
+        return qlora::linear(x, nf4, b);
     }
     std::optional<at::Tensor> lora_input;
     if (lora_dropout > 0.0 && is_training()) {
@@ -38,12 +53,20 @@ torch::Tensor ProjectionImpl::forward(const torch::Tensor& x) {
     );
 }
 
-void ProjectionImpl::quantize(const LoraSpec& spec) {
-    TORCH_CHECK(!quantized(), "Projection::quantize: already quantized");
-    torch::NoGradGuard no_grad;
-    nf4 = qlora::nf4_quantize(weight.detach(), spec.blocksize, spec.double_quant);
+void ProjectionImpl::set_nf4(qlora::Nf4Tensor q) {
+    TORCH_CHECK(!quantized(), "Projection::set_nf4: already quantized");
+    TORCH_CHECK(
+        q.shape == std::vector<int64_t>({out_features, in_features}), "Projection::set_nf4: NF4 weight of shape ",
+        c10::IntArrayRef(q.shape), " for a [", out_features, ", ", in_features, "] projection"
+    );
+    nf4 = std::move(q);
     parameters_.erase("weight");
     weight = torch::Tensor();
+}
+
+void ProjectionImpl::add_lora(const LoraSpec& spec) {
+    TORCH_CHECK(quantized() && !has_lora(), "Projection::add_lora: needs an NF4 projection without LoRA");
+    torch::NoGradGuard no_grad;
     lora_A = register_module("lora_A", torch::nn::ModuleHolder<ProjectionImpl>(in_features, spec.r, false));
     lora_B = register_module("lora_B", torch::nn::ModuleHolder<ProjectionImpl>(spec.r, out_features, false));
     // PEFT: A ~ kaiming_uniform(a = sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)); B = 0, so training starts at the base.
@@ -102,13 +125,13 @@ torch::Tensor rope_inv_freq(const LlamaConfig& c) {
     return inv;
 }
 
-AttentionImpl::AttentionImpl(const LlamaConfig& c)
+AttentionImpl::AttentionImpl(const LlamaConfig& c, Init init)
     : heads(c.num_attention_heads), kv_heads(c.num_key_value_heads), head_dim(c.head_dim) {
     const int64_t E = c.hidden_size;
-    q_proj = register_module("q_proj", Projection(E, heads * head_dim, c.attention_bias));
-    k_proj = register_module("k_proj", Projection(E, kv_heads * head_dim, c.attention_bias));
-    v_proj = register_module("v_proj", Projection(E, kv_heads * head_dim, c.attention_bias));
-    o_proj = register_module("o_proj", Projection(heads * head_dim, E, c.attention_bias));
+    q_proj = register_module("q_proj", Projection(E, heads * head_dim, c.attention_bias, init));
+    k_proj = register_module("k_proj", Projection(E, kv_heads * head_dim, c.attention_bias, init));
+    v_proj = register_module("v_proj", Projection(E, kv_heads * head_dim, c.attention_bias, init));
+    o_proj = register_module("o_proj", Projection(heads * head_dim, E, c.attention_bias, init));
 }
 
 torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
@@ -126,21 +149,21 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
     return o_proj(o.transpose(1, 2).reshape({B, T, heads * head_dim}));
 }
 
-MLPImpl::MLPImpl(const LlamaConfig& c) {
-    gate_proj = register_module("gate_proj", Projection(c.hidden_size, c.intermediate_size, c.mlp_bias));
-    up_proj = register_module("up_proj", Projection(c.hidden_size, c.intermediate_size, c.mlp_bias));
-    down_proj = register_module("down_proj", Projection(c.intermediate_size, c.hidden_size, c.mlp_bias));
+MLPImpl::MLPImpl(const LlamaConfig& c, Init init) {
+    gate_proj = register_module("gate_proj", Projection(c.hidden_size, c.intermediate_size, c.mlp_bias, init));
+    up_proj = register_module("up_proj", Projection(c.hidden_size, c.intermediate_size, c.mlp_bias, init));
+    down_proj = register_module("down_proj", Projection(c.intermediate_size, c.hidden_size, c.mlp_bias, init));
 }
 
 torch::Tensor MLPImpl::forward(const torch::Tensor& x) {
     return down_proj(at::silu(gate_proj(x)) * up_proj(x));
 }
 
-DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c) {
+DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c, Init init) {
     input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
-    self_attn = register_module("self_attn", Attention(c));
+    self_attn = register_module("self_attn", Attention(c, init));
     post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.rms_norm_eps));
-    mlp = register_module("mlp", MLP(c));
+    mlp = register_module("mlp", MLP(c, init));
 }
 
 torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
@@ -149,13 +172,98 @@ torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const torch::Ten
 }
 
 // --------------------------------------------------------------------------------------------------------------
+// Note [Activation checkpointing]
+//
+// With gradient_checkpointing, a decoder layer runs its forward without recording a graph and keeps only its input
+// (plus the shared cos/sin and the state of the CPU generator). Its output gets a CheckpointBackward node as
+// grad_fn; in backward that node restores the generator (so LoRA dropout draws the same masks), reruns the layer
+// with a graph, and back-propagates the incoming gradient through it: the layer's LoRA parameters accumulate their
+// gradients (a nested backward, as torch.utils.checkpoint's reentrant variant does) and the node returns the
+// gradient of its input. Activations therefore live one layer at a time. The node is created whenever the layer has
+// trainable parameters, even if its input does not require grad (the first layer's input is a frozen embedding),
+// which is why no "enable input grads" hook is needed as with transformers.
+namespace {
+
+class CheckpointBackward : public torch::autograd::Node {
+  public:
+    CheckpointBackward(
+        DecoderLayer layer, at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor rng_state, bool x_requires_grad
+    )
+        : layer_(std::move(layer)), x_(std::move(x)), cos_(std::move(cos)), sin_(std::move(sin)),
+          rng_state_(std::move(rng_state)), x_requires_grad_(x_requires_grad) {}
+
+    std::string name() const override { return "qlora::llama::CheckpointBackward"; }
+
+    torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+        TORCH_CHECK(x_.defined(), "CheckpointBackward: backward through a checkpointed layer twice");
+        const at::Tensor x = x_.detach().requires_grad_(x_requires_grad_);
+        at::Generator gen = at::detail::getDefaultCPUGenerator();
+        at::Tensor out;
+        {
+            const at::Tensor now = gen.get_state();
+            gen.set_state(rng_state_);
+            torch::AutoGradMode grad_mode(true);
+            out = layer_->forward(x, cos_, sin_);
+            gen.set_state(now);
+        }
+        const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(out);
+        torch::autograd::backward({out}, {grad});
+        at::Tensor dx = x_requires_grad_ ? x.grad() : at::Tensor();
+        release_variables();
+        return {dx};
+    }
+
+    void release_variables() override {
+        x_.reset();
+        cos_.reset();
+        sin_.reset();
+    }
+
+  private:
+    DecoderLayer layer_;
+    at::Tensor x_, cos_, sin_, rng_state_;
+    bool x_requires_grad_;
+};
+
+bool has_trainable(const torch::nn::Module& m) {
+    for (const at::Tensor& p : m.parameters()) {
+        if (p.requires_grad()) {
+            return true;
+        }
+    }
+    return false;
+}
+
+at::Tensor checkpointed_layer(DecoderLayer& layer, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+    if (!torch::GradMode::is_enabled() || !(x.requires_grad() || has_trainable(*layer))) {
+        return layer->forward(x, cos, sin);
+    }
+    const at::Tensor rng_state = at::detail::getDefaultCPUGenerator().get_state();
+    at::Tensor out;
+    {
+        torch::NoGradGuard no_grad;
+        out = layer->forward(x, cos, sin);
+    }
+    auto node = c10::make_intrusive<CheckpointBackward>(layer, x.detach(), cos, sin, rng_state, x.requires_grad());
+    node->set_next_edges(torch::autograd::collect_next_edges(x));
+    torch::autograd::set_history(out, node);
+    return out;
+}
+
+} // namespace
+
+// --------------------------------------------------------------------------------------------------------------
 // Model
 
-LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c) : config(c) {
-    embed_tokens = register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c, Init init) : config(c) {
+    torch::nn::EmbeddingOptions options(c.vocab_size, c.hidden_size);
+    if (init == Init::kEmpty) { // a given weight is used as is (Embedding's own init would write every element)
+        options._weight(torch::empty({c.vocab_size, c.hidden_size}));
+    }
+    embed_tokens = register_module("embed_tokens", torch::nn::Embedding(options));
     layers = register_module("layers", torch::nn::ModuleList());
     for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
-        layers->push_back(DecoderLayer(c));
+        layers->push_back(DecoderLayer(c, init));
     }
     norm = register_module("norm", RMSNorm(c.hidden_size, c.rms_norm_eps));
     inv_freq = rope_inv_freq(c);
@@ -169,16 +277,18 @@ torch::Tensor LlamaModelImpl::forward(const torch::Tensor& ids) {
     const torch::Tensor emb = at::cat({freqs, freqs}, -1);
     const torch::Tensor cos = (emb.cos() * attention_scaling).to(x.scalar_type());
     const torch::Tensor sin = (emb.sin() * attention_scaling).to(x.scalar_type());
-    for (const auto& layer : *layers) {
-        x = layer->as<DecoderLayer>()->forward(x, cos, sin);
+    const bool checkpoint = gradient_checkpointing && is_training();
+    for (size_t i = 0; i < layers->size(); ++i) {
+        DecoderLayer layer(layers->ptr<DecoderLayerImpl>(i));
+        x = checkpoint ? checkpointed_layer(layer, x, cos, sin) : layer->forward(x, cos, sin);
     }
     return norm(x);
 }
 
-LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c) {
-    model = register_module("model", LlamaModel(c));
+LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c, Init init) {
+    model = register_module("model", LlamaModel(c, init));
     if (!c.tie_word_embeddings) {
-        lm_head = register_module("lm_head", Projection(c.hidden_size, c.vocab_size, false));
+        lm_head = register_module("lm_head", Projection(c.hidden_size, c.vocab_size, false, init));
     }
 }
 
@@ -187,22 +297,37 @@ torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids) {
     return lm_head ? lm_head(h) : at::linear(h, model->embed_tokens->weight);
 }
 
+namespace {
+
+// A module name (`model.layers.0.self_attn.q_proj`, `lm_head`) whose last component is one of the targets.
+bool is_target(const std::string& module, const LoraSpec& spec) {
+    const std::string leaf = module.substr(module.find_last_of('.') + 1);
+    return std::find(spec.target_modules.begin(), spec.target_modules.end(), leaf) != spec.target_modules.end();
+}
+
+// NF4 of a dense weight (any float dtype: its values are quantized as they are), dequantizing to `dtype` by default.
+qlora::Nf4Tensor quantize_weight(const at::Tensor& w, const LoraSpec& spec, at::ScalarType dtype) {
+    qlora::Nf4Tensor q = qlora::nf4_quantize(w, spec.blocksize, spec.double_quant);
+    q.dtype = dtype;
+    return q;
+}
+
+} // namespace
+
 int64_t apply_qlora(LlamaForCausalLM& m, const LoraSpec& spec) {
     TORCH_CHECK(spec.r > 0, "apply_qlora: r must be positive, got ", spec.r);
     int64_t converted = 0;
     for (auto& item : m->named_modules()) {
         auto* proj = item.value()->as<Projection>();
-        if (proj == nullptr || proj->quantized() || item.key().find("lora_") != std::string::npos) {
+        if (proj == nullptr || item.key().find("lora_") != std::string::npos || !is_target(item.key(), spec)) {
             continue;
         }
-        const std::string& name = item.key();
-        const std::string leaf = name.substr(name.find_last_of('.') + 1);
-        for (const std::string& t : spec.target_modules) {
-            if (leaf == t) {
-                proj->quantize(spec);
-                ++converted;
-                break;
-            }
+        if (!proj->quantized()) {
+            proj->set_nf4(quantize_weight(proj->weight.detach(), spec, proj->weight.scalar_type()));
+        }
+        if (!proj->has_lora()) {
+            proj->add_lora(spec);
+            ++converted;
         }
     }
     for (auto& item : m->named_parameters()) {
@@ -351,12 +476,128 @@ void load_adapter(LlamaForCausalLM& m, const std::string& dir) {
     }
 }
 
-void load_weights(LlamaForCausalLM& m, const safetensors::Checkpoint& ck, at::ScalarType dtype) {
-    check_checkpoint(m->model->config, ck);
-    torch::NoGradGuard no_grad;
+namespace {
+
+// The body of load_model and load_weights: streams `ck` (already checked against the config) into `m`, quantizing the
+// projections in `targets` ("<module>.weight" -> projection) as they arrive; 4-bit weights in bitsandbytes' form load
+// as NF4 whether targeted or not.
+void stream_weights(
+    LlamaForCausalLM& m, const safetensors::Checkpoint& ck, at::ScalarType dtype, const LoraSpec* spec,
+    const std::map<std::string, ProjectionImpl*>& targets
+) {
+    std::map<std::string, at::Tensor> params;
     for (auto& item : m->named_parameters()) {
-        item.value().set_data(ck.tensor(item.key()).to(dtype).clone());
+        params.emplace(item.key(), item.value());
     }
+    std::map<std::string, ProjectionImpl*> projections;
+    for (auto& item : m->named_modules()) {
+        if (auto* proj = item.value()->as<Projection>()) {
+            projections.emplace(item.key() + ".weight", proj);
+        }
+    }
+    torch::NoGradGuard no_grad;
+    for (const std::string& name : ck.names_in_storage_order()) {
+        const auto param = params.find(name);
+        if (param == params.end()) {
+            continue; // quant-state tensors (read with their weight), a tied lm_head.weight, an old inv_freq
+        }
+        const auto proj = projections.find(name);
+        if (proj != projections.end() && qlora::bnb::is_nf4(ck, name)) {
+            qlora::Nf4Tensor q = qlora::bnb::read_nf4(ck, name, param->second.sizes().vec());
+            q.dtype = dtype;
+            proj->second->set_nf4(std::move(q));
+        } else if (targets.count(name) != 0) {
+            proj->second->set_nf4(quantize_weight(ck.read(name), *spec, dtype));
+        } else {
+            param->second.set_data(ck.read(name).to(dtype));
+        }
+        params.erase(param); // drop the handle to the never-written initial storage
+    }
+}
+
+void check_dtype(at::ScalarType dtype) {
+    TORCH_CHECK(
+        dtype == at::kFloat || dtype == at::kBFloat16, "qlora::llama: compute dtype must be float32 or bfloat16, got ",
+        dtype
+    );
+}
+
+} // namespace
+
+LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
+    check_dtype(opt.dtype);
+    const LlamaConfig config = load_config(dir);
+    const safetensors::Checkpoint ck = safetensors::Checkpoint::open(dir);
+    check_checkpoint(config, ck);
+    LlamaForCausalLM m(config, Init::kEmpty);
+    std::map<std::string, ProjectionImpl*> targets;
+    if (opt.lora) {
+        for (auto& item : m->named_modules()) {
+            auto* proj = item.value()->as<Projection>();
+            if (proj != nullptr && is_target(item.key(), *opt.lora)) {
+                targets.emplace(item.key() + ".weight", proj);
+            }
+        }
+    }
+    stream_weights(m, ck, opt.dtype, opt.lora ? &*opt.lora : nullptr, targets);
+    if (opt.lora) {
+        apply_qlora(m, *opt.lora);
+    }
+    return m;
+}
+
+void load_weights(LlamaForCausalLM& m, const safetensors::Checkpoint& ck, at::ScalarType dtype) {
+    check_dtype(dtype);
+    check_checkpoint(m->model->config, ck);
+    stream_weights(m, ck, dtype, nullptr, {});
+}
+
+void save_model(const LlamaForCausalLM& m, const std::string& dir, uint64_t max_shard_bytes) {
+    std::vector<std::pair<std::string, at::Tensor>> tensors;
+    std::set<std::string> dense_modules;
+    bool any_nf4 = false, double_quant = true;
+    at::ScalarType dtype = m->model->embed_tokens->weight.scalar_type();
+    for (const auto& item : m->named_modules()) {
+        const auto* proj = item.value()->as<Projection>();
+        if (proj == nullptr || item.key().find("lora_") != std::string::npos) {
+            continue;
+        }
+        const std::string leaf = item.key().substr(item.key().find_last_of('.') + 1);
+        if (proj->quantized()) {
+            any_nf4 = true;
+            double_quant = double_quant && proj->nf4.double_quantized();
+            qlora::Nf4Tensor q = proj->nf4;
+            q.dtype = dtype;
+            for (auto& t : qlora::bnb::nf4_tensors(item.key() + ".weight", q)) {
+                tensors.push_back(std::move(t));
+            }
+        } else {
+            dense_modules.insert(leaf);
+        }
+    }
+    for (const auto& item : m->named_parameters()) {
+        if (item.key().find(".lora_") == std::string::npos) {
+            tensors.emplace_back(item.key(), item.value().detach());
+        }
+    }
+    if (!m->lm_head) {
+        dense_modules.insert("lm_head"); // tied: the embedding, never quantized
+    }
+    // transformers converts every Linear except llm_int8_skip_modules, which (when given) replaces its default of
+    // skipping the output layer; null keeps that default when only the LM head is dense.
+    std::vector<std::string> skip;
+    if (dense_modules != std::set<std::string>{"lm_head"}) {
+        skip.assign(dense_modules.begin(), dense_modules.end());
+    }
+    const nlohmann::json quantization =
+        any_nf4 ? qlora::bnb::quantization_config(dtype, double_quant, skip) : nlohmann::json(nullptr);
+    safetensors::save_checkpoint(dir, tensors, max_shard_bytes);
+    const std::string text =
+        config_json(m->model->config, dtype == at::kBFloat16 ? "bfloat16" : "float32", quantization).dump(2) + "\n";
+    qlora::trainer::write_file_atomically(
+        (std::filesystem::path(dir) / "config.json").string(),
+        [&](qlora::trainer::FileSink& out) { out.write(text.data(), text.size()); }
+    );
 }
 
 } // namespace qlora::llama

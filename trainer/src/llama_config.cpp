@@ -9,6 +9,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "qlora/trainer/bnb_nf4.h"
 #include "qlora/trainer/json.h"
 
 namespace qlora::llama {
@@ -209,6 +210,9 @@ LlamaConfig parse_config(const nlohmann::json& j, const std::string& what) {
             break;
         }
     }
+    qlora::bnb::check_quantization_config(j, what);
+    c.bnb_nf4 = j.contains("quantization_config") && !j["quantization_config"].is_null();
+    c.raw = j;
     return c;
 }
 
@@ -254,8 +258,16 @@ std::vector<std::pair<std::string, std::vector<int64_t>>> expected_tensors(const
 void check_checkpoint(const LlamaConfig& c, const safetensors::Checkpoint& ck) {
     std::vector<std::string> missing, wrong, unexpected;
     std::set<std::string> expected;
-    for (const auto& [name, shape] : expected_tensors(c)) {
+    for (const auto& [expected_name, expected_shape] : expected_tensors(c)) {
+        const std::string& name = expected_name;
+        std::vector<int64_t> shape = expected_shape;
         expected.insert(name);
+        if (shape.size() == 2 && qlora::bnb::is_nf4(ck, name)) { // a 4-bit projection: packed codes + quant state
+            for (const std::string& s : qlora::bnb::nf4_state_names(ck, name)) {
+                expected.insert(s);
+            }
+            shape = {(shape[0] * shape[1] + 1) / 2, 1};
+        }
         if (!ck.contains(name)) {
             missing.push_back(name);
         } else if (ck.info(name).shape != shape) {
@@ -301,6 +313,42 @@ void check_checkpoint(const LlamaConfig& c, const safetensors::Checkpoint& ck) {
     }
     msg.pop_back();
     throw std::runtime_error(msg);
+}
+
+nlohmann::json config_json(const LlamaConfig& c, const std::string& dtype, const nlohmann::json& quantization) {
+    nlohmann::json j = c.raw.is_object() ? c.raw : nlohmann::json::object();
+    if (!c.raw.is_object()) {
+        j["architectures"] = {"LlamaForCausalLM"};
+        j["model_type"] = "llama";
+        j["hidden_act"] = "silu";
+        j["vocab_size"] = c.vocab_size;
+        j["hidden_size"] = c.hidden_size;
+        j["intermediate_size"] = c.intermediate_size;
+        j["num_hidden_layers"] = c.num_hidden_layers;
+        j["num_attention_heads"] = c.num_attention_heads;
+        j["num_key_value_heads"] = c.num_key_value_heads;
+        j["head_dim"] = c.head_dim;
+        j["max_position_embeddings"] = c.max_position_embeddings;
+        j["rms_norm_eps"] = c.rms_norm_eps;
+        j["rope_theta"] = c.rope_theta;
+        j["attention_bias"] = c.attention_bias;
+        j["mlp_bias"] = c.mlp_bias;
+        j["tie_word_embeddings"] = c.tie_word_embeddings;
+        TORCH_CHECK(
+            c.rope_scaling.type == RopeType::kDefault, "config_json: a config built in code with rope scaling cannot "
+                                                       "be written (load it from a config.json)"
+        );
+    }
+    j["torch_dtype"] = dtype;
+    if (j.contains("dtype")) { // transformers v5 writes `dtype`
+        j["dtype"] = dtype;
+    }
+    if (quantization.is_null()) {
+        j.erase("quantization_config");
+    } else {
+        j["quantization_config"] = quantization;
+    }
+    return j;
 }
 
 } // namespace qlora::llama

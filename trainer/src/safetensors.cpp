@@ -401,9 +401,13 @@ Header parse_header(const uint8_t* bytes, uint64_t available, uint64_t file_size
 struct File::Mapping {
     void* base = nullptr;
     size_t size = 0;
+    int fd = -1; // kept open for File::read
     ~Mapping() {
         if (base != nullptr) {
             munmap(base, size);
+        }
+        if (fd >= 0) {
+            ::close(fd);
         }
     }
 };
@@ -432,7 +436,7 @@ File File::open(const std::string& path) {
         f.mapping_->base = base;
         f.mapping_->size = size;
     }
-    ::close(fd);
+    f.mapping_->fd = fd;
     const auto* bytes = static_cast<const uint8_t*>(f.mapping_->base);
     f.header_ = parse_header(bytes, size, size, path);
     for (size_t i = 0; i < f.header_.tensors.size(); ++i) {
@@ -470,6 +474,35 @@ at::Tensor File::tensor(const std::string& name) const {
     // Third-party writers need not align tensors (spec §1.3): copy instead of reinterpreting unaligned bytes.
     at::Tensor out = at::empty(t->shape, options);
     std::memcpy(out.data_ptr(), data, t->end - t->begin);
+    return out;
+}
+
+at::Tensor File::read(const std::string& name) const {
+    const TensorInfo* t = find(name);
+    if (t == nullptr) {
+        fail(path_, "no tensor named \"" + name + "\"");
+    }
+    const at::ScalarType st = torch_dtype(t->dtype);
+    if (st == at::ScalarType::Undefined) {
+        fail(path_, "tensor \"" + name + "\" has dtype " + dtype_name(t->dtype) + ", which qlora cannot load");
+    }
+    at::Tensor out = at::empty(t->shape, at::TensorOptions().dtype(st));
+    auto* dst = static_cast<uint8_t*>(out.data_ptr());
+    uint64_t done = 0;
+    const uint64_t total = t->end - t->begin; // == out.nbytes(), validated by parse_header
+    while (done < total) {
+        const ssize_t n = ::pread(
+            mapping_->fd, dst + done, std::min<uint64_t>(total - done, 1u << 30),
+            static_cast<off_t>(header_.data_start + t->begin + done)
+        );
+        if (n < 0 && errno == EINTR) {
+            continue;
+        }
+        if (n <= 0) {
+            fail(path_, "cannot read tensor \"" + name + "\": " + (n < 0 ? std::strerror(errno) : "file shrank"));
+        }
+        done += static_cast<uint64_t>(n);
+    }
     return out;
 }
 

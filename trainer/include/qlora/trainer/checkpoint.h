@@ -26,6 +26,9 @@ class Checkpoint {
     bool contains(const std::string& name) const { return where_.count(name) != 0; }
     const TensorInfo& info(const std::string& name) const;
     at::Tensor tensor(const std::string& name) const; // throws SafetensorsError for an absent name
+    at::Tensor read(const std::string& name) const;   // a copy that leaves the mapping untouched (File::read)
+    // Every name, file by file in the order of the data in each file, so reading them in turn streams each file once.
+    std::vector<std::string> names_in_storage_order() const;
     const std::string& file_of(const std::string& name) const;
 
   private:
@@ -33,5 +36,16 @@ class Checkpoint {
     std::vector<File> files_;
     std::map<std::string, size_t> where_; // tensor name -> index into files_
 };
+
+// Writes the weights of a Hugging Face model directory: model.safetensors when everything fits in one shard of
+// `max_shard_bytes`, else model-0000i-of-0000n.safetensors (tensors in the given order, a new shard whenever the next
+// tensor would overflow the current one; a larger tensor gets a shard of its own) and model.safetensors.index.json
+// (metadata.total_size and the weight_map), the index written last. Every file is replaced atomically; weight files
+// of the other layout or of an earlier shard count left in `dir` are removed afterwards, so the directory never
+// mixes two checkpoints.
+void save_checkpoint(
+    const std::string& dir, const std::vector<std::pair<std::string, at::Tensor>>& tensors,
+    uint64_t max_shard_bytes = uint64_t{5} << 30
+);
 
 } // namespace qlora::safetensors

@@ -38,16 +38,24 @@ struct LoraSpec {
     bool double_quant = true;
 };
 
+// How constructors fill parameters: kRandom as transformers initialises a fresh model; kEmpty allocates them
+// without writing (no page is touched, so nothing becomes resident) for loaders that overwrite or drop every one.
+enum class Init { kRandom, kEmpty };
+
 // A projection y = x W^T (+ b) with HF's parameter names `weight` [out, in] and `bias` [out]. After quantize(), W is
 // frozen NF4 (the dense parameter is gone) and the layer is QLoRA: y = x W^T + b + s (dropout(x) A^T) B^T through
 // qlora::linear, with A = lora_A.weight [r, in] (PEFT's Kaiming-uniform init) and B = lora_B.weight [out, r] (zeros),
 // the names PEFT uses under the module.
 class ProjectionImpl : public torch::nn::Module {
   public:
-    ProjectionImpl(int64_t in_features, int64_t out_features, bool bias);
+    ProjectionImpl(int64_t in_features, int64_t out_features, bool bias, Init init = Init::kRandom);
     torch::Tensor forward(const torch::Tensor& x);
-    void quantize(const LoraSpec& spec);
+    // Replaces the dense weight by the frozen NF4 `q` (shape [out, in]); the dense parameter is dropped.
+    void set_nf4(qlora::Nf4Tensor q);
+    // Adds lora_A / lora_B (PEFT's init from the global generator) to an NF4 projection.
+    void add_lora(const LoraSpec& spec);
     bool quantized() const { return nf4.packed.defined(); }
+    bool has_lora() const { return !lora_A.is_empty(); }
 
     int64_t in_features, out_features;
     torch::Tensor weight, bias;
@@ -68,7 +76,7 @@ TORCH_MODULE(RMSNorm);
 
 class AttentionImpl : public torch::nn::Module {
   public:
-    explicit AttentionImpl(const LlamaConfig& c);
+    explicit AttentionImpl(const LlamaConfig& c, Init init = Init::kRandom);
     // x [B, T, E]; cos, sin [T, D] in x's dtype.
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
     Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
@@ -78,7 +86,7 @@ TORCH_MODULE(Attention);
 
 class MLPImpl : public torch::nn::Module {
   public:
-    explicit MLPImpl(const LlamaConfig& c);
+    explicit MLPImpl(const LlamaConfig& c, Init init = Init::kRandom);
     torch::Tensor forward(const torch::Tensor& x);
     Projection gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
 };
@@ -86,7 +94,7 @@ TORCH_MODULE(MLP);
 
 class DecoderLayerImpl : public torch::nn::Module {
   public:
-    explicit DecoderLayerImpl(const LlamaConfig& c);
+    explicit DecoderLayerImpl(const LlamaConfig& c, Init init = Init::kRandom);
     torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
     RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
     Attention self_attn{nullptr};
@@ -96,7 +104,7 @@ TORCH_MODULE(DecoderLayer);
 
 class LlamaModelImpl : public torch::nn::Module {
   public:
-    explicit LlamaModelImpl(const LlamaConfig& c);
+    explicit LlamaModelImpl(const LlamaConfig& c, Init init = Init::kRandom);
     // ids [B, T] int64 -> hidden states [B, T, E] after the final norm.
     torch::Tensor forward(const torch::Tensor& ids);
     torch::nn::Embedding embed_tokens{nullptr};
@@ -105,12 +113,15 @@ class LlamaModelImpl : public torch::nn::Module {
     LlamaConfig config;
     torch::Tensor inv_freq; // [D / 2] float32, a buffer computed from the config (not in checkpoints)
     double attention_scaling = 1.0;
+    // Per-decoder-layer activation checkpointing while training: each layer keeps only its input and recomputes
+    // its activations in backward (Note [Activation checkpointing] in llama.cpp).
+    bool gradient_checkpointing = false;
 };
 TORCH_MODULE(LlamaModel);
 
 class LlamaForCausalLMImpl : public torch::nn::Module {
   public:
-    explicit LlamaForCausalLMImpl(const LlamaConfig& c);
+    explicit LlamaForCausalLMImpl(const LlamaConfig& c, Init init = Init::kRandom);
     // ids [B, T] int64 -> logits [B, T, V].
     torch::Tensor forward(const torch::Tensor& ids);
     LlamaModel model{nullptr};
@@ -139,8 +150,28 @@ void save_adapter(const LlamaForCausalLM& m, const std::string& dir, const std::
 // rank/alpha patterns, modules_to_save, fan_in_fan_out) are refused naming the key.
 void load_adapter(LlamaForCausalLM& m, const std::string& dir);
 
+// Loading a checkpoint directory (config.json + safetensors weights) into a new model.
+struct LoadOptions {
+    at::ScalarType dtype = at::kFloat; // compute dtype: dense weights and activations (float32 or bfloat16)
+    std::optional<LoraSpec> lora;      // NF4 + LoRA on these targets
+};
+
+// Streams the checkpoint tensor by tensor (each read with pread, file order): dense tensors are converted to
+// opt.dtype, each target projection is quantized to NF4 as soon as it is read, so the peak memory of a load is the
+// NF4 model plus its dense parts plus about the largest tensor. Names and shapes are checked against config.json
+// before anything is read. With opt.lora the LoRA matrices are then added in module order (the result equals
+// load_weights + apply_qlora bit for bit). Projections stored 4-bit by bitsandbytes load as they are (never
+// re-quantized), whether targeted or not.
+LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt);
+
 // Copies every parameter from the checkpoint (names and shapes checked first with check_checkpoint), converted to
-// `dtype`. Throws std::runtime_error naming the problem.
+// `dtype` (4-bit weights in bitsandbytes' form become NF4 projections). Throws std::runtime_error naming the problem.
 void load_weights(LlamaForCausalLM& m, const safetensors::Checkpoint& ck, at::ScalarType dtype);
+
+// Writes the model as a Hugging Face checkpoint directory (config.json and safetensors weights, sharded above
+// max_shard_bytes; qlora/trainer/checkpoint.h): dense weights in their dtype, NF4 projections in bitsandbytes' form
+// with a matching quantization_config (qlora/trainer/bnb_nf4.h), so transformers' from_pretrained loads it and qlora's
+// load_model reloads it without re-quantizing. LoRA matrices are not part of it (save_adapter writes them).
+void save_model(const LlamaForCausalLM& m, const std::string& dir, uint64_t max_shard_bytes = uint64_t{5} << 30);
 
 } // namespace qlora::llama

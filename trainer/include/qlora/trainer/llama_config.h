@@ -49,6 +49,8 @@ struct LlamaConfig {
     std::vector<int64_t> eos_token_ids; // Llama 3 instruct lists several
     std::optional<int64_t> pad_token_id;
     std::string torch_dtype; // "bfloat16", "float32", ... or empty (`torch_dtype`, or `dtype` in transformers v5)
+    bool bnb_nf4 = false;    // quantization_config says bitsandbytes 4-bit NF4 (qlora/trainer/bnb_nf4.h)
+    nlohmann::json raw;      // the object as read (written back, updated, with saved models); null when built in code
 };
 
 // Parses a config object; `what` names the file in errors (std::runtime_error).
@@ -60,7 +62,14 @@ LlamaConfig load_config(const std::string& path);
 std::vector<std::pair<std::string, std::vector<int64_t>>> expected_tensors(const LlamaConfig& c);
 
 // Checks that `ck` holds exactly the expected tensors with the expected shapes (an old `rotary_emb.inv_freq` buffer
-// is ignored); otherwise throws one error listing the missing, unexpected and wrongly shaped names.
+// is ignored); otherwise throws one error listing the missing, unexpected and wrongly shaped names. A projection
+// weight may be stored 4-bit in bitsandbytes' form (its packed shape and quant-state tensors are then expected;
+// their contents are validated when read, qlora/trainer/bnb_nf4.h).
 void check_checkpoint(const LlamaConfig& c, const safetensors::Checkpoint& ck);
+
+// config.json for a model with this config: `raw` with the fields qlora models updated (or, without raw, every field
+// transformers needs), `torch_dtype`/`dtype` set to `dtype`, and `quantization` as quantization_config (removed when
+// null).
+nlohmann::json config_json(const LlamaConfig& c, const std::string& dtype, const nlohmann::json& quantization);
 
 } // namespace qlora::llama

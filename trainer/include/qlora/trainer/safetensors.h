@@ -89,6 +89,9 @@ class File {
     const TensorInfo* find(const std::string& name) const; // nullptr if absent
     // The tensor, on the CPU; throws for an absent name or a dtype torch does not have.
     at::Tensor tensor(const std::string& name) const;
+    // The same as a fresh copy read with pread: the mapping is never touched, so streaming a large file tensor by
+    // tensor keeps only the tensor being processed resident (mapped file pages would count in the process's RSS).
+    at::Tensor read(const std::string& name) const;
 
   private:
     struct Mapping;
