@@ -101,7 +101,30 @@ def adamw_table(doc: dict) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"nf4_quant": nf4_quant_table, "nf4_linear": nf4_linear_table, "adamw": adamw_table}
+def load_table(doc: dict) -> str:
+    m, c, q, t = doc["machine"], doc["checkpoint"], doc["qlora"], doc["transformers_bitsandbytes"]
+    gib = 2**30
+    return "\n".join([
+        f"Machine: {m['cpu']}, torch {m['torch']}, bitsandbytes {m['bitsandbytes']}. Checkpoint: "
+        f"{c['parameters'] / 1e9:.2f} B parameters, bfloat16, {c['shards']} shards ({c['checkpoint_bytes'] / gib:.2f} GiB, "
+        f"largest tensor {c['largest_tensor_bytes'] / gib:.2f} GiB), in the page cache. Both quantize the seven "
+        "projections to NF4 (double quantization) with bfloat16 compute; each runs in a fresh process; peak RSS is the "
+        "process's VmHWM. Validation: the two models' logits agree to "
+        f"{doc['validation']['max_abs_logit_difference']:.3f} (logit range {doc['validation']['logit_range']:.1f}).",
+        "",
+        "| loader | load time | peak RSS | model in memory | goal: peak ≤ model + largest tensor + 300 MB |",
+        "|---|---|---|---|---|",
+        f"| qlora `load_model` (streaming) | {q['seconds']:.1f} s | {q['peak_rss_bytes'] / gib:.2f} GiB | "
+        f"{q['model_bytes'] / gib:.2f} GiB (NF4 {q['nf4_bytes'] / gib:.2f} + dense {q['dense_bytes'] / gib:.2f}) | "
+        f"{q['budget_bytes'] / gib:.2f} GiB: {'met' if doc['goal_met'] else 'MISSED'} "
+        f"(of the peak, {q['rss_before_load_bytes'] / gib:.2f} GiB is the process before loading: LibTorch's CUDA "
+        "build) |",
+        f"| transformers + bitsandbytes `from_pretrained` | {t['seconds']:.1f} s (×{t['ratio_seconds_to_qlora']:.1f}) | "
+        f"{t['peak_rss_bytes'] / gib:.2f} GiB (×{t['ratio_peak_rss_to_qlora']:.1f}) | | |",
+    ])
+
+
+TABLES = {"nf4_quant": nf4_quant_table, "nf4_linear": nf4_linear_table, "adamw": adamw_table, "load": load_table}
 
 
 def main() -> None:

@@ -16,8 +16,6 @@
 //   load-bench DIR                  load_model and print one JSON line: seconds, peak RSS, model bytes
 // Options (anywhere): --dtype=float32|bfloat16, --nf4=all|NAME,... (NF4 + LoRA targets, r 8, B = 0),
 // --adapter=DIR, --checkpointing (activation checkpointing), --shard-bytes=N.
-#include <sys/resource.h>
-
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -89,10 +87,22 @@ ll::LlamaForCausalLM load(const Args& a, const std::string& dir) {
     return m;
 }
 
+// The peak resident set of this process image: VmHWM of /proc/self/status. (getrusage's ru_maxrss is no good here:
+// Linux carries it across fork and exec, so it starts at the RSS of whatever process spawned this one.)
 int64_t peak_rss_bytes() {
-    struct rusage u {};
-    getrusage(RUSAGE_SELF, &u);
-    return static_cast<int64_t>(u.ru_maxrss) * 1024;
+    std::FILE* f = std::fopen("/proc/self/status", "r");
+    if (f == nullptr) {
+        return -1;
+    }
+    char line[256];
+    long long kb = -1;
+    while (std::fgets(line, sizeof(line), f) != nullptr) {
+        if (std::sscanf(line, "VmHWM: %lld kB", &kb) == 1) {
+            break;
+        }
+    }
+    std::fclose(f);
+    return kb < 0 ? -1 : static_cast<int64_t>(kb) * 1024;
 }
 
 int run(const Args& a) {
