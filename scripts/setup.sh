@@ -18,7 +18,7 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
 # 1. Debian packages --------------------------------------------------------------------------------------------
 apt_packages=(build-essential cmake ninja-build ccache git python3-venv clang-format
-  libyaml-cpp-dev libsentencepiece-dev nlohmann-json3-dev libgtest-dev libbenchmark-dev libcli11-dev libfmt-dev)
+  pkg-config libyaml-cpp-dev libsentencepiece-dev nlohmann-json3-dev libgtest-dev libbenchmark-dev libcli11-dev libfmt-dev)
 missing=()
 for p in "${apt_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
