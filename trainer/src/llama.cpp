@@ -134,7 +134,9 @@ AttentionImpl::AttentionImpl(const LlamaConfig& c, Init init)
     o_proj = register_module("o_proj", Projection(heads * head_dim, E, c.attention_bias, init));
 }
 
-torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+torch::Tensor AttentionImpl::forward(
+    const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask
+) {
     const int64_t B = x.size(0), T = x.size(1);
     torch::Tensor q = q_proj(x).view({B, T, heads, head_dim}).transpose(1, 2);    // [B, H, T, D]
     torch::Tensor k = k_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2); // [B, K, T, D]
@@ -145,7 +147,9 @@ torch::Tensor AttentionImpl::forward(const torch::Tensor& x, const torch::Tensor
         k = k.repeat_interleave(heads / kv_heads, 1);
         v = v.repeat_interleave(heads / kv_heads, 1);
     }
-    const torch::Tensor o = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/true);
+    const torch::Tensor o = mask.defined()
+                                ? at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false)
+                                : at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/true);
     return o_proj(o.transpose(1, 2).reshape({B, T, heads * head_dim}));
 }
 
@@ -166,8 +170,10 @@ DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c, Init init) {
     mlp = register_module("mlp", MLP(c, init));
 }
 
-torch::Tensor DecoderLayerImpl::forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
-    const torch::Tensor h = x + self_attn(input_layernorm(x), cos, sin);
+torch::Tensor DecoderLayerImpl::forward(
+    const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask
+) {
+    const torch::Tensor h = x + self_attn(input_layernorm(x), cos, sin, mask);
     return h + mlp(post_attention_layernorm(h));
 }
 
@@ -187,10 +193,11 @@ namespace {
 class CheckpointBackward : public torch::autograd::Node {
   public:
     CheckpointBackward(
-        DecoderLayer layer, at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor rng_state, bool x_requires_grad
+        DecoderLayer layer, at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor mask, at::Tensor rng_state,
+        bool x_requires_grad
     )
         : layer_(std::move(layer)), x_(std::move(x)), cos_(std::move(cos)), sin_(std::move(sin)),
-          rng_state_(std::move(rng_state)), x_requires_grad_(x_requires_grad) {}
+          mask_(std::move(mask)), rng_state_(std::move(rng_state)), x_requires_grad_(x_requires_grad) {}
 
     std::string name() const override { return "qlora::llama::CheckpointBackward"; }
 
@@ -203,7 +210,7 @@ class CheckpointBackward : public torch::autograd::Node {
             const at::Tensor now = gen.get_state();
             gen.set_state(rng_state_);
             torch::AutoGradMode grad_mode(true);
-            out = layer_->forward(x, cos_, sin_);
+            out = layer_->forward(x, cos_, sin_, mask_);
             gen.set_state(now);
         }
         const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(out);
@@ -217,11 +224,12 @@ class CheckpointBackward : public torch::autograd::Node {
         x_.reset();
         cos_.reset();
         sin_.reset();
+        mask_.reset();
     }
 
   private:
     DecoderLayer layer_;
-    at::Tensor x_, cos_, sin_, rng_state_;
+    at::Tensor x_, cos_, sin_, mask_, rng_state_;
     bool x_requires_grad_;
 };
 
@@ -234,17 +242,20 @@ bool has_trainable(const torch::nn::Module& m) {
     return false;
 }
 
-at::Tensor checkpointed_layer(DecoderLayer& layer, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+at::Tensor checkpointed_layer(
+    DecoderLayer& layer, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask
+) {
     if (!torch::GradMode::is_enabled() || !(x.requires_grad() || has_trainable(*layer))) {
-        return layer->forward(x, cos, sin);
+        return layer->forward(x, cos, sin, mask);
     }
     const at::Tensor rng_state = at::detail::getDefaultCPUGenerator().get_state();
     at::Tensor out;
     {
         torch::NoGradGuard no_grad;
-        out = layer->forward(x, cos, sin);
+        out = layer->forward(x, cos, sin, mask);
     }
-    auto node = c10::make_intrusive<CheckpointBackward>(layer, x.detach(), cos, sin, rng_state, x.requires_grad());
+    auto node =
+        c10::make_intrusive<CheckpointBackward>(layer, x.detach(), cos, sin, mask, rng_state, x.requires_grad());
     node->set_next_edges(torch::autograd::collect_next_edges(x));
     torch::autograd::set_history(out, node);
     return out;
@@ -269,18 +280,38 @@ LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c, Init init) : config(c) {
     inv_freq = rope_inv_freq(c);
 }
 
-torch::Tensor LlamaModelImpl::forward(const torch::Tensor& ids) {
+torch::Tensor
+LlamaModelImpl::forward(const torch::Tensor& ids, const torch::Tensor& position_ids, const torch::Tensor& segment_ids) {
+    TORCH_CHECK(ids.dim() == 2, "LlamaModel: ids must be [batch, tokens], got ", ids.sizes());
     torch::Tensor x = embed_tokens(ids);
     const int64_t T = ids.size(1);
-    // cos/sin [T, D]: positions x inverse frequencies in float32, duplicated for both halves, cast to x's dtype.
-    const torch::Tensor freqs = at::outer(at::arange(T, at::kFloat), inv_freq.to(x.device()));
+    // cos/sin: positions x inverse frequencies in float32, duplicated for both halves, cast to x's dtype; [T, D] for
+    // the default positions, [B, 1, T, D] (broadcast over heads) for given ones.
+    torch::Tensor freqs;
+    if (position_ids.defined()) {
+        TORCH_CHECK(position_ids.sizes() == ids.sizes(), "LlamaModel: position_ids must have the shape of ids");
+        freqs = (position_ids.to(at::kFloat).unsqueeze(-1) * inv_freq.to(x.device())).unsqueeze(1);
+    } else {
+        freqs = at::outer(at::arange(T, at::kFloat), inv_freq.to(x.device()));
+    }
     const torch::Tensor emb = at::cat({freqs, freqs}, -1);
     const torch::Tensor cos = (emb.cos() * attention_scaling).to(x.scalar_type());
     const torch::Tensor sin = (emb.sin() * attention_scaling).to(x.scalar_type());
+    // Packed rows (some row holds a second segment): causal within each segment. Padding (segment 0) attends to
+    // earlier padding, so no attention row is empty (an all-masked row would make NaN, and NaN times a zero
+    // gradient is still NaN). Unpacked rows (segment 1, then padding) need only the causal mask.
+    torch::Tensor mask;
+    if (segment_ids.defined()) {
+        TORCH_CHECK(segment_ids.sizes() == ids.sizes(), "LlamaModel: segment_ids must have the shape of ids");
+        if (segment_ids.max().item<int64_t>() > 1) {
+            const torch::Tensor causal = at::ones({T, T}, at::kBool).tril();
+            mask = (segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)).logical_and(causal).unsqueeze(1);
+        }
+    }
     const bool checkpoint = gradient_checkpointing && is_training();
     for (size_t i = 0; i < layers->size(); ++i) {
         DecoderLayer layer(layers->ptr<DecoderLayerImpl>(i));
-        x = checkpoint ? checkpointed_layer(layer, x, cos, sin) : layer->forward(x, cos, sin);
+        x = checkpoint ? checkpointed_layer(layer, x, cos, sin, mask) : layer->forward(x, cos, sin, mask);
     }
     return norm(x);
 }
@@ -292,8 +323,10 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c, Init init) {
     }
 }
 
-torch::Tensor LlamaForCausalLMImpl::forward(const torch::Tensor& ids) {
-    const torch::Tensor h = model(ids);
+torch::Tensor LlamaForCausalLMImpl::forward(
+    const torch::Tensor& ids, const torch::Tensor& position_ids, const torch::Tensor& segment_ids
+) {
+    const torch::Tensor h = model(ids, position_ids, segment_ids);
     return lm_head ? lm_head(h) : at::linear(h, model->embed_tokens->weight);
 }
 

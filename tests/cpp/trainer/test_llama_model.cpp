@@ -164,6 +164,44 @@ TEST(LlamaModelTest, ActivationCheckpointingIsOffInEvalAndUnderNoGrad) {
     EXPECT_TRUE(at::equal(a, m->forward(ids)));
 }
 
+TEST(LlamaModelTest, PackedRowsEqualTheirSamplesRunAlone) {
+    // Sample packing: three samples in one row with per-sample positions and segment ids, then padding. Each
+    // sample's logits must equal those of the sample alone (the block-diagonal mask hides the others; positions
+    // restart). Float32; only the attention kernel differs (masked vs causal SDPA), so the bound is float32
+    // summation noise relative to the logits' scale.
+    torch::manual_seed(0);
+    LlamaForCausalLM m(tiny());
+    m->eval();
+    torch::NoGradGuard no_grad;
+    const std::vector<int64_t> lengths = {5, 3, 6};
+    const int64_t T = 16;
+    at::Tensor ids = at::zeros({1, T}, at::kLong), pos = at::zeros({1, T}, at::kLong),
+               seg = at::zeros({1, T}, at::kLong);
+    std::vector<at::Tensor> samples;
+    int64_t at_ = 0;
+    for (size_t k = 0; k < lengths.size(); ++k) {
+        const at::Tensor sample = at::randint(1, 50, {1, lengths[k]}, at::kLong);
+        samples.push_back(sample);
+        ids.narrow(1, at_, lengths[k]).copy_(sample);
+        pos.narrow(1, at_, lengths[k]).copy_(at::arange(lengths[k], at::kLong));
+        seg.narrow(1, at_, lengths[k]).fill_(static_cast<int64_t>(k) + 1);
+        at_ += lengths[k];
+    }
+    const at::Tensor packed = m->forward(ids, pos, seg);
+    EXPECT_FALSE(packed.isnan().any().item<bool>()); // padding rows are not empty attention rows
+    at_ = 0;
+    for (size_t k = 0; k < lengths.size(); ++k) {
+        const at::Tensor alone = m->forward(samples[k]);
+        const at::Tensor got = packed.narrow(1, at_, lengths[k]);
+        const float scale = alone.abs().max().item<float>();
+        EXPECT_LE((got - alone).abs().max().item<float>(), 1e-5f * scale) << "sample " << k;
+        at_ += lengths[k];
+    }
+    // Without the segment ids the later samples would see the earlier ones: the test can fail.
+    const at::Tensor unmasked = m->forward(ids, pos);
+    EXPECT_GT((unmasked.narrow(1, 5, 3) - m->forward(samples[1])).abs().max().item<float>(), 1e-3f);
+}
+
 class LlamaLoadTest : public ::testing::Test {
   protected:
     void SetUp() override {

@@ -77,8 +77,10 @@ TORCH_MODULE(RMSNorm);
 class AttentionImpl : public torch::nn::Module {
   public:
     explicit AttentionImpl(const LlamaConfig& c, Init init = Init::kRandom);
-    // x [B, T, E]; cos, sin [T, D] in x's dtype.
-    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+    // x [B, T, E]; cos, sin [T, D] or [B, 1, T, D] in x's dtype; mask: undefined (causal) or bool [B, 1, T, T], true
+    // where a query (row) may attend to a key (column).
+    torch::Tensor
+    forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask = {});
     Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
     int64_t heads, kv_heads, head_dim;
 };
@@ -95,7 +97,8 @@ TORCH_MODULE(MLP);
 class DecoderLayerImpl : public torch::nn::Module {
   public:
     explicit DecoderLayerImpl(const LlamaConfig& c, Init init = Init::kRandom);
-    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin);
+    torch::Tensor
+    forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask = {});
     RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
     Attention self_attn{nullptr};
     MLP mlp{nullptr};
@@ -105,8 +108,11 @@ TORCH_MODULE(DecoderLayer);
 class LlamaModelImpl : public torch::nn::Module {
   public:
     explicit LlamaModelImpl(const LlamaConfig& c, Init init = Init::kRandom);
-    // ids [B, T] int64 -> hidden states [B, T, E] after the final norm.
-    torch::Tensor forward(const torch::Tensor& ids);
+    // ids [B, T] int64 -> hidden states [B, T, E] after the final norm. Optional, both int64 [B, T]: position_ids
+    // (default 0..T-1 in every row) for the rotary embeddings, and segment_ids for packed rows: a token attends only
+    // to earlier tokens of its own segment (a block-diagonal causal mask), so packed samples never see each other.
+    torch::Tensor
+    forward(const torch::Tensor& ids, const torch::Tensor& position_ids = {}, const torch::Tensor& segment_ids = {});
     torch::nn::Embedding embed_tokens{nullptr};
     torch::nn::ModuleList layers{nullptr};
     RMSNorm norm{nullptr};
@@ -122,8 +128,9 @@ TORCH_MODULE(LlamaModel);
 class LlamaForCausalLMImpl : public torch::nn::Module {
   public:
     explicit LlamaForCausalLMImpl(const LlamaConfig& c, Init init = Init::kRandom);
-    // ids [B, T] int64 -> logits [B, T, V].
-    torch::Tensor forward(const torch::Tensor& ids);
+    // ids [B, T] int64 -> logits [B, T, V]; position_ids and segment_ids as for LlamaModel.
+    torch::Tensor
+    forward(const torch::Tensor& ids, const torch::Tensor& position_ids = {}, const torch::Tensor& segment_ids = {});
     LlamaModel model{nullptr};
     Projection lm_head{nullptr};  // null when tied
     std::optional<LoraSpec> lora; // set by apply_qlora
