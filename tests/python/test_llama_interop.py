@@ -127,6 +127,15 @@ def test_lora_gradients_equal_peft_on_dequantized_nf4(tool, tmp_path, checkpoint
                    *(["--checkpointing"] if checkpointing else []))
 
 
+def test_plain_lora_gradients_equal_peft(tool, tmp_path):
+    # adapter: lora (no quantization): the targets stay dense float32 and only the LoRA matrices train.
+    model, directory = eager_llama("gqa_tied", tmp_path)
+    peft_model, adapter = _peft_adapter(model, tmp_path)
+    ids = ids_for(model, 25, 12)
+    loss, want = _peft_grads(peft_model, ids)
+    _compare_grads(tool, tmp_path, directory, adapter, ids, loss, want, "--dense-lora")
+
+
 def _no_cpu_packing(model):
     """bitsandbytes' AVX512-BF16 inference path repacks the weights (and needs in_features % 64 == 0); the portable
     path is the one whose arithmetic qlora matches."""

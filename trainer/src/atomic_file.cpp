@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
+#include <filesystem>
 #include <cstring>
 #include <stdexcept>
 
@@ -71,11 +72,35 @@ void write_file_atomically(const std::string& path, const std::function<void(Fil
         ::unlink(tmp.c_str());
         throw;
     }
-    const int dir = ::open(directory_of(path).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (dir >= 0) {
-        ::fsync(dir);
-        ::close(dir);
+    sync_directory(directory_of(path));
+}
+
+void sync_directory(const std::string& dir) {
+    const int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) {
+        ::fsync(fd);
+        ::close(fd);
     }
+}
+
+void write_directory_atomically(const std::string& path, const std::function<void(const std::string&)>& fill) {
+    namespace fs = std::filesystem;
+    const fs::path final_path(path);
+    const fs::path partial = final_path.parent_path() / ("." + final_path.filename().string() + ".partial");
+    fs::remove_all(partial); // a leftover of an interrupted write
+    fs::create_directories(partial);
+    try {
+        fill(partial.string()); // every file in it is written with write_file_atomically (fsynced)
+        sync_directory(partial.string());
+        if (std::rename(partial.c_str(), final_path.c_str()) != 0) {
+            fail(path, "cannot rename the finished directory into place", errno);
+        }
+    } catch (...) {
+        std::error_code ignored;
+        fs::remove_all(partial, ignored);
+        throw;
+    }
+    sync_directory(final_path.parent_path().string());
 }
 
 } // namespace qlora::trainer

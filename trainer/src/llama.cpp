@@ -38,15 +38,16 @@ ProjectionImpl::ProjectionImpl(int64_t in_f, int64_t out_f, bool has_bias, Init 
 
 torch::Tensor ProjectionImpl::forward(const torch::Tensor& x) {
     const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-    if (!quantized()) {
-        return at::linear(x, weight, b);
-    }
     if (!has_lora()) {
-        return qlora::linear(x, nf4, b);
+        return quantized() ? qlora::linear(x, nf4, b) : at::linear(x, weight, b);
     }
     std::optional<at::Tensor> lora_input;
     if (lora_dropout > 0.0 && is_training()) {
         lora_input = at::dropout(x, lora_dropout, /*train=*/true);
+    }
+    if (!quantized()) { // plain LoRA: the same sum with a dense base
+        const at::Tensor a = lora_A->weight.to(x.scalar_type()), bb = lora_B->weight.to(x.scalar_type());
+        return at::linear(x, weight, b) + at::linear(at::linear(lora_input.value_or(x), a), bb) * lora_scale;
     }
     return qlora::linear(
         x, nf4, b, lora_A->weight.to(x.scalar_type()), lora_B->weight.to(x.scalar_type()), lora_scale, lora_input
@@ -65,7 +66,10 @@ void ProjectionImpl::set_nf4(qlora::Nf4Tensor q) {
 }
 
 void ProjectionImpl::add_lora(const LoraSpec& spec) {
-    TORCH_CHECK(quantized() && !has_lora(), "Projection::add_lora: needs an NF4 projection without LoRA");
+    TORCH_CHECK(!has_lora(), "Projection::add_lora: the projection already has LoRA");
+    if (weight.defined()) {
+        weight.set_requires_grad(false);
+    }
     torch::NoGradGuard no_grad;
     lora_A = register_module("lora_A", torch::nn::ModuleHolder<ProjectionImpl>(in_features, spec.r, false));
     lora_B = register_module("lora_B", torch::nn::ModuleHolder<ProjectionImpl>(spec.r, out_features, false));
@@ -355,7 +359,7 @@ int64_t apply_qlora(LlamaForCausalLM& m, const LoraSpec& spec) {
         if (proj == nullptr || item.key().find("lora_") != std::string::npos || !is_target(item.key(), spec)) {
             continue;
         }
-        if (!proj->quantized()) {
+        if (!proj->quantized() && spec.load_in_4bit) {
             proj->set_nf4(quantize_weight(proj->weight.detach(), spec, proj->weight.scalar_type()));
         }
         if (!proj->has_lora()) {
@@ -408,7 +412,7 @@ void save_adapter(const LlamaForCausalLM& m, const std::string& dir, const std::
     );
 }
 
-void load_adapter(LlamaForCausalLM& m, const std::string& dir) {
+void load_adapter(LlamaForCausalLM& m, const std::string& dir, bool load_in_4bit) {
     const std::string config_path = (std::filesystem::path(dir) / "adapter_config.json").string();
     const nlohmann::json j = qlora::trainer::read_json_file(config_path);
     const auto fail = [&](const std::string& msg) {
@@ -471,6 +475,7 @@ void load_adapter(LlamaForCausalLM& m, const std::string& dir) {
         fail("key 'bias' must be \"none\", got " + j["bias"].dump());
     }
     if (!m->lora.has_value()) {
+        spec.load_in_4bit = load_in_4bit;
         apply_qlora(m, spec);
     } else {
         const LoraSpec& have = *m->lora;
@@ -564,7 +569,7 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
     check_checkpoint(config, ck);
     LlamaForCausalLM m(config, Init::kEmpty);
     std::map<std::string, ProjectionImpl*> targets;
-    if (opt.lora) {
+    if (opt.lora && opt.lora->load_in_4bit) {
         for (auto& item : m->named_modules()) {
             auto* proj = item.value()->as<Projection>();
             if (proj != nullptr && is_target(item.key(), *opt.lora)) {

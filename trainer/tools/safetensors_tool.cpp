@@ -15,7 +15,8 @@
 //   save-model DIR OUT              load (options below) and write with save_model
 //   load-bench DIR                  load_model and print one JSON line: seconds, peak RSS, model bytes
 // Options (anywhere): --dtype=float32|bfloat16, --nf4=all|NAME,... (NF4 + LoRA targets, r 8, B = 0),
-// --adapter=DIR, --checkpointing (activation checkpointing), --shard-bytes=N.
+// --adapter=DIR, --dense-lora (the adapter's targets stay dense: plain LoRA), --checkpointing (activation
+// checkpointing), --shard-bytes=N.
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -81,7 +82,7 @@ ll::LoadOptions load_options(const Args& a) {
 ll::LlamaForCausalLM load(const Args& a, const std::string& dir) {
     ll::LlamaForCausalLM m = ll::load_model(dir, load_options(a));
     if (!a.get("adapter").empty()) {
-        ll::load_adapter(m, a.get("adapter"));
+        ll::load_adapter(m, a.get("adapter"), a.opt.count("dense-lora") == 0);
     }
     m->model->gradient_checkpointing = a.opt.count("checkpointing") != 0;
     return m;

@@ -25,4 +25,12 @@ class FileSink {
 // error propagates (std::runtime_error naming the file for I/O errors).
 void write_file_atomically(const std::string& path, const std::function<void(FileSink&)>& fill);
 
+// fsync of a directory (makes renames and creations in it durable). Errors are ignored (best effort).
+void sync_directory(const std::string& dir);
+
+// Creates the directory `path` (which must not exist) atomically: `fill` writes into a hidden sibling
+// `.<name>.partial` (files written with write_file_atomically), which is fsynced and renamed to `path`. A crash leaves
+// no `path` at all, only a `.partial` that the next call removes; `path` is never half-written.
+void write_directory_atomically(const std::string& path, const std::function<void(const std::string&)>& fill);
+
 } // namespace qlora::trainer

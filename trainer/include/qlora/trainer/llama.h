@@ -36,6 +36,7 @@ struct LoraSpec {
     bool use_rslora = false; // scale alpha / sqrt(r) instead of alpha / r
     int64_t blocksize = 64;
     bool double_quant = true;
+    bool load_in_4bit = true; // false: plain LoRA over the dense (frozen) weights
 };
 
 // How constructors fill parameters: kRandom as transformers initialises a fresh model; kEmpty allocates them
@@ -52,7 +53,7 @@ class ProjectionImpl : public torch::nn::Module {
     torch::Tensor forward(const torch::Tensor& x);
     // Replaces the dense weight by the frozen NF4 `q` (shape [out, in]); the dense parameter is dropped.
     void set_nf4(qlora::Nf4Tensor q);
-    // Adds lora_A / lora_B (PEFT's init from the global generator) to an NF4 projection.
+    // Adds lora_A / lora_B (PEFT's init from the global generator); the base weight (NF4 or dense) is frozen.
     void add_lora(const LoraSpec& spec);
     bool quantized() const { return nf4.packed.defined(); }
     bool has_lora() const { return !lora_A.is_empty(); }
@@ -140,8 +141,9 @@ TORCH_MODULE(LlamaForCausalLM);
 // RoPE inverse frequencies with the config's scaling (default, linear, llama3; §2.5), float32 [D / 2].
 torch::Tensor rope_inv_freq(const LlamaConfig& c);
 
-// Turns the target projections of every layer into NF4 + LoRA (quantizing their current weights) and freezes every
-// other parameter, so only lora_A / lora_B require grad. Returns the number of projections converted.
+// Turns the target projections of every layer into NF4 + LoRA (quantizing their current weights; with
+// spec.load_in_4bit false they stay dense) and freezes every other parameter, so only lora_A / lora_B require grad.
+// Returns the number of projections given LoRA.
 int64_t apply_qlora(LlamaForCausalLM& m, const LoraSpec& spec);
 
 // PEFT-format adapter directory: adapter_config.json (PEFT's LoraConfig keys, sorted, indent 2) and
@@ -155,7 +157,8 @@ void save_adapter(const LlamaForCausalLM& m, const std::string& dir, const std::
 // settings. Every adapter tensor must match a LoRA parameter of the model by name and shape and every LoRA parameter
 // must be present; otherwise a one-line error names the module. Unsupported PEFT options (DoRA, LoRA bias,
 // rank/alpha patterns, modules_to_save, fan_in_fan_out) are refused naming the key.
-void load_adapter(LlamaForCausalLM& m, const std::string& dir);
+// `load_in_4bit` decides, for a model without LoRA layers, whether the targets become NF4 (QLoRA) or stay dense.
+void load_adapter(LlamaForCausalLM& m, const std::string& dir, bool load_in_4bit = true);
 
 // Loading a checkpoint directory (config.json + safetensors weights) into a new model.
 struct LoadOptions {
