@@ -272,9 +272,13 @@ at::Tensor checkpointed_layer(
 
 LlamaModelImpl::LlamaModelImpl(const LlamaConfig& c, Init init) : config(c) {
     torch::nn::EmbeddingOptions options(c.vocab_size, c.hidden_size);
-    if (init == Init::kEmpty) { // a given weight is used as is (Embedding's own init would write every element)
-        options._weight(torch::empty({c.vocab_size, c.hidden_size}));
+    // A given weight is used as is: empty (never written) for loaders, N(0, 0.02) as transformers initialises it
+    // (torch::nn::Embedding's own default is N(0, 1)).
+    at::Tensor w = torch::empty({c.vocab_size, c.hidden_size});
+    if (init == Init::kRandom) {
+        w.normal_(0.0, 0.02);
     }
+    options._weight(w);
     embed_tokens = register_module("embed_tokens", torch::nn::Embedding(options));
     layers = register_module("layers", torch::nn::ModuleList());
     for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
