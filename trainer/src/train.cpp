@@ -618,6 +618,16 @@ RunResult run(const TrainConfig& c, const RunOptions& options) {
                                ? c.warmup_steps
                                : static_cast<int64_t>(std::ceil(c.warmup_ratio * static_cast<double>(total_steps)));
 
+    // Leftovers of checkpoint writes that a crash interrupted are never used: remove them.
+    for (const auto& e : fs::directory_iterator(c.output_dir)) {
+        const std::string name = e.path().filename().string();
+        if (e.is_directory() && name.rfind(".checkpoint-", 0) == 0 && name.size() > 8 &&
+            name.compare(name.size() - 8, 8, ".partial") == 0) {
+            std::printf("removing %s (a checkpoint write that did not finish)\n", e.path().c_str());
+            fs::remove_all(e.path());
+        }
+    }
+
     // Resume.
     State st;
     if (!c.resume_from_checkpoint.empty()) {
