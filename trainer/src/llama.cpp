@@ -484,7 +484,8 @@ void load_adapter(LlamaForCausalLM& m, const std::string& dir, bool load_in_4bit
     } else {
         const LoraSpec& have = *m->lora;
         if (have.r != spec.r || have.lora_alpha != spec.lora_alpha || have.use_rslora != spec.use_rslora ||
-            have.target_modules != spec.target_modules) {
+            std::set<std::string>(have.target_modules.begin(), have.target_modules.end()) !=
+                std::set<std::string>(spec.target_modules.begin(), spec.target_modules.end())) {
             fail("r, lora_alpha, use_rslora or target_modules differ from the model's LoRA layers");
         }
     }

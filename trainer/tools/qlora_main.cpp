@@ -3,7 +3,7 @@
 //   qlora train CONFIG [key=value ...]        fine-tune (qlora/trainer/train.h)
 //   qlora validate CONFIG [key=value ...]     check the config, the model directory and every dataset line
 //   qlora preprocess CONFIG [key=value ...] [--debug [-n N]]   tokenize and report; --debug prints examples token by
-//                                             token with their labels
+//                                             token with their labels; --dump FILE writes them as JSONL
 //   qlora init CONFIG_JSON OUT_DIR [--seed N] a randomly initialised model (transformers' init) as a Hugging Face
 //                                             directory, e.g. to pretrain a small model from scratch
 // Overrides use the config's keys, dotted for nested ones (`lora_r=16`, `datasets.0.path=data.jsonl`). Bad input
@@ -19,6 +19,7 @@
 
 #include <CLI/CLI.hpp>
 #include <c10/util/Exception.h>
+#include <nlohmann/json.hpp>
 
 #include "qlora/trainer/config.h"
 #include "qlora/trainer/data.h"
@@ -38,7 +39,11 @@ void on_signal(int) {
 }
 
 // Tokenizes every dataset (each bad line stops here) and prints the statistics; returns the examples of the first.
-void preprocess(const qlora::config::TrainConfig& c, bool debug, int64_t show) {
+void preprocess(const qlora::config::TrainConfig& c, bool debug, int64_t show, const std::string& dump = "") {
+    std::FILE* out = nullptr;
+    if (!dump.empty() && (out = std::fopen(dump.c_str(), "w")) == nullptr) {
+        throw std::runtime_error(dump + ": cannot open for writing");
+    }
     const qlora::data::Tokenizer tok = qlora::data::Tokenizer::load(c.tokenizer);
     qlora::data::FormatOptions fo;
     fo.sequence_len = c.sequence_len;
@@ -55,6 +60,11 @@ void preprocess(const qlora::config::TrainConfig& c, bool debug, int64_t show) {
             static_cast<long long>(st.no_target),
             st.examples > 0 ? 100.0 * static_cast<double>(st.ending_in_eos) / static_cast<double>(st.examples) : 0.0
         );
+        for (size_t i = 0; out != nullptr && i < ex.size(); ++i) {
+            const std::string line =
+                nlohmann::json{{"input_ids", ex[i].input_ids}, {"labels", ex[i].labels}}.dump() + "\n";
+            std::fwrite(line.data(), 1, line.size(), out);
+        }
         if (debug) {
             for (size_t i = 0; i < ex.size() && static_cast<int64_t>(i) < show; ++i) {
                 std::printf(
@@ -62,6 +72,9 @@ void preprocess(const qlora::config::TrainConfig& c, bool debug, int64_t show) {
                 );
             }
         }
+    }
+    if (out != nullptr) {
+        std::fclose(out);
     }
 }
 
@@ -89,6 +102,8 @@ int main(int argc, char** argv) {
     init->add_option("config_json", init_config, "Llama config.json")->required()->check(CLI::ExistingFile);
     init->add_option("out_dir", init_out, "Output directory (config.json + model.safetensors)")->required();
     init->add_option("--seed", init_seed, "Random seed");
+    std::string dump;
+    pre->add_option("--dump", dump, "Write every tokenized example as JSONL (input_ids, labels) to this file");
     pre->add_flag("--debug", debug, "Print examples token by token with their labels (masked tokens marked)");
     pre->add_option("-n,--examples", show, "How many examples per dataset --debug prints")->check(CLI::PositiveNumber);
     CLI11_PARSE(app, argc, argv);
@@ -119,7 +134,7 @@ int main(int argc, char** argv) {
             std::printf("%s: OK\n", config_path.c_str());
             return 0;
         }
-        preprocess(c, debug, show);
+        preprocess(c, debug, show, dump);
         return 0;
     } catch (const c10::Error& e) {
         std::fprintf(stderr, "qlora: %s\n", e.what_without_backtrace());
