@@ -4,6 +4,8 @@
 //   qlora validate CONFIG [key=value ...]     check the config, the model directory and every dataset line
 //   qlora preprocess CONFIG [key=value ...] [--debug [-n N]]   tokenize and report; --debug prints examples token by
 //                                             token with their labels; --dump FILE writes them as JSONL
+//   qlora generate --model DIR [--adapter DIR] (--prompt TEXT | --alpaca INSTRUCTION [--input TEXT]) [...]
+//                                             generate from a model (and a PEFT adapter), streaming to stdout
 //   qlora init CONFIG_JSON OUT_DIR [--seed N] a randomly initialised model (transformers' init) as a Hugging Face
 //                                             directory, e.g. to pretrain a small model from scratch
 // Overrides use the config's keys, dotted for nested ones (`lora_r=16`, `datasets.0.path=data.jsonl`). Bad input
@@ -14,6 +16,7 @@
 #include <atomic>
 #include <csignal>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -23,6 +26,7 @@
 
 #include "qlora/trainer/config.h"
 #include "qlora/trainer/data.h"
+#include "qlora/trainer/generate.h"
 #include "qlora/trainer/llama.h"
 #include "qlora/trainer/llama_config.h"
 #include "qlora/trainer/train.h"
@@ -96,6 +100,24 @@ int main(int argc, char** argv) {
         sub->add_option("config", config_path, "YAML config file")->required()->check(CLI::ExistingFile);
         sub->add_option("overrides", overrides, "key=value overrides of config keys (dotted for nested keys)");
     }
+    CLI::App* gen = app.add_subcommand("generate", "Generate text from a model, optionally with a LoRA adapter");
+    std::string g_model, g_adapter, g_tokenizer, g_prompt, g_alpaca, g_input;
+    qlora::llama::GenerateOptions g_opt;
+    g_opt.max_new_tokens = 64;
+    bool g_bf16 = false;
+    gen->add_option("--model", g_model, "Hugging Face model directory")->required()->check(CLI::ExistingDirectory);
+    gen->add_option("--adapter", g_adapter, "PEFT adapter directory (its targets become NF4 + LoRA)");
+    gen->add_option("--tokenizer", g_tokenizer, "sentencepiece model (default: MODEL/tokenizer.model)");
+    gen->add_option("--prompt", g_prompt, "Raw prompt text (BOS is prepended)");
+    gen->add_option("--alpaca", g_alpaca, "An instruction, formatted with the Alpaca prompt template");
+    gen->add_option("--input", g_input, "The Alpaca input field (with --alpaca)");
+    gen->add_option("--max-new-tokens", g_opt.max_new_tokens, "Stop after this many new tokens")
+        ->check(CLI::PositiveNumber);
+    gen->add_option("--temperature", g_opt.temperature, "0 = greedy");
+    gen->add_option("--top-k", g_opt.top_k, "Sample from the k most likely tokens (0 = all)");
+    gen->add_option("--top-p", g_opt.top_p, "Nucleus sampling mass");
+    gen->add_option("--seed", g_opt.seed, "Sampling seed");
+    gen->add_flag("--bf16", g_bf16, "Compute in bfloat16");
     CLI::App* init = app.add_subcommand("init", "Write a randomly initialised model for a Llama config.json");
     std::string init_config, init_out;
     uint64_t init_seed = 0;
@@ -109,6 +131,41 @@ int main(int argc, char** argv) {
     CLI11_PARSE(app, argc, argv);
 
     try {
+        if (*gen) {
+            if (g_prompt.empty() == g_alpaca.empty()) {
+                throw std::runtime_error("generate: give exactly one of --prompt and --alpaca");
+            }
+            const qlora::data::Tokenizer tok = qlora::data::Tokenizer::load(
+                g_tokenizer.empty() ? (std::filesystem::path(g_model) / "tokenizer.model").string() : g_tokenizer
+            );
+            qlora::llama::LoadOptions lo;
+            lo.dtype = g_bf16 ? at::kBFloat16 : at::kFloat;
+            qlora::llama::LlamaForCausalLM m = qlora::llama::load_model(g_model, lo);
+            if (!g_adapter.empty()) {
+                qlora::llama::load_adapter(m, g_adapter);
+            }
+            const std::string text = g_alpaca.empty() ? g_prompt : qlora::data::alpaca_prompt(g_alpaca, g_input);
+            std::vector<int64_t> ids = {tok.bos_id()};
+            for (const int32_t t : tok.encode(text)) {
+                ids.push_back(t);
+            }
+            g_opt.stop_ids = {tok.eos_id()};
+            std::vector<int32_t> out;
+            std::string shown;
+            qlora::llama::generate(m, ids, g_opt, [&](int64_t t) {
+                if (t == tok.eos_id()) {
+                    std::printf(" [EOS]");
+                } else {
+                    out.push_back(static_cast<int32_t>(t));
+                    const std::string now = tok.decode(out); // decode the whole tail: pieces merge spaces
+                    std::printf("%s", now.substr(std::min(shown.size(), now.size())).c_str());
+                    shown = now;
+                }
+                std::fflush(stdout);
+            });
+            std::printf("\n");
+            return 0;
+        }
         if (*init) {
             const qlora::llama::LlamaConfig mc = qlora::llama::load_config(init_config);
             torch::manual_seed(init_seed);

@@ -164,3 +164,14 @@ TEST(ConfigTest, ResolvedYamlRoundTripsAndFingerprint) {
 }
 
 } // namespace
+
+namespace {
+
+TEST(ConfigTest, BundledConfigsParse) {
+    for (const char* name :
+         {"tiny/qlora.yaml", "tiny/pretrain.yaml", "llama-2-7b-qlora.yaml", "llama-3-8b-qlora.yaml"}) {
+        EXPECT_NO_THROW(qlora::config::load(std::string(QLORA_SOURCE_DIR "/configs/") + name)) << name;
+    }
+}
+
+} // namespace
