@@ -4,6 +4,7 @@
 //   qlora validate CONFIG [key=value ...]     check the config, the model directory and every dataset line
 //   qlora preprocess CONFIG [key=value ...] [--debug [-n N]]   tokenize and report; --debug prints examples token by
 //                                             token with their labels; --dump FILE writes them as JSONL
+//   qlora estimate CONFIG [key=value ...]     the run's memory budget, before anything large is allocated
 //   qlora generate --model DIR [--adapter DIR] (--prompt TEXT | --alpaca INSTRUCTION [--input TEXT]) [...]
 //                                             generate from a model (and a PEFT adapter), streaming to stdout
 //   qlora init CONFIG_JSON OUT_DIR [--seed N] a randomly initialised model (transformers' init) as a Hugging Face
@@ -26,6 +27,7 @@
 
 #include "qlora/trainer/config.h"
 #include "qlora/trainer/data.h"
+#include "qlora/trainer/estimate.h"
 #include "qlora/trainer/generate.h"
 #include "qlora/trainer/llama.h"
 #include "qlora/trainer/llama_config.h"
@@ -96,7 +98,8 @@ int main(int argc, char** argv) {
     CLI::App* validate =
         app.add_subcommand("validate", "Check a config, its model directory and every dataset line, then exit");
     CLI::App* pre = app.add_subcommand("preprocess", "Tokenize the datasets and report; --debug prints examples");
-    for (CLI::App* sub : {train, validate, pre}) {
+    CLI::App* est = app.add_subcommand("estimate", "Print the memory budget of a training run");
+    for (CLI::App* sub : {train, validate, pre, est}) {
         sub->add_option("config", config_path, "YAML config file")->required()->check(CLI::ExistingFile);
         sub->add_option("overrides", overrides, "key=value overrides of config keys (dotted for nested keys)");
     }
@@ -189,6 +192,16 @@ int main(int argc, char** argv) {
             qlora::llama::check_checkpoint(mc, qlora::safetensors::Checkpoint::open(c.base_model));
             preprocess(c, false, 0);
             std::printf("%s: OK\n", config_path.c_str());
+            return 0;
+        }
+        if (*est) {
+            const qlora::train::MemoryEstimate e = qlora::train::estimate_memory(c);
+            for (const auto& [name, bytes] : e.parts) {
+                std::printf("%10.1f MiB  %s\n", static_cast<double>(bytes) / (1 << 20), name.c_str());
+            }
+            std::printf(
+                "%10.1f MiB  total (estimated peak resident memory)\n", static_cast<double>(e.total) / (1 << 20)
+            );
             return 0;
         }
         preprocess(c, debug, show, dump);
