@@ -86,7 +86,10 @@ void sync_directory(const std::string& dir) {
 void write_directory_atomically(const std::string& path, const std::function<void(const std::string&)>& fill) {
     namespace fs = std::filesystem;
     const fs::path final_path(path);
-    const fs::path partial = final_path.parent_path() / ("." + final_path.filename().string() + ".partial");
+    std::string hidden = ".";
+    hidden += final_path.filename().string();
+    hidden += ".partial";
+    const fs::path partial = final_path.parent_path() / hidden;
     fs::remove_all(partial); // a leftover of an interrupted write
     fs::create_directories(partial);
     try {
