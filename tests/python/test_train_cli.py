@@ -212,3 +212,17 @@ def test_bad_inputs_stop_before_training(qlora_bin, base, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "[masked]" in r.stdout and "-> 2" in r.stdout  # prompt masked, the EOS (id 2) trained
+
+
+def test_bundled_tiny_finetune_reaches_its_loss_band(qlora_bin, tmp_path):
+    # The README's main job, shortened to 40 of its 114 steps: the training loss must fall from the base model's
+    # (step 1 runs at learning rate 0 under warmup: 3.74 on this data) by at least 0.1 nats on average over steps
+    # 31-40 (measured: 0.19; the full run ends near 3.4).
+    config = os.path.join(REPO, "configs", "tiny", "qlora.yaml")
+    r = subprocess.run([qlora_bin, "train", config, f"output_dir={tmp_path / 'out'}", "max_steps=40",
+                        "logging_steps=1", "eval_steps=0", "save_steps=0"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    got = losses(tmp_path / "out")
+    late = [got[s] for s in range(31, 41)]
+    assert 3.5 < got[1] < 4.0 and sum(late) / len(late) < got[1] - 0.1, (got[1], late)
+    assert "100.0% of examples end in a trained EOS" in r.stdout
