@@ -12,24 +12,14 @@
 #include "qlora/trainer/estimate.h"
 
 #include <algorithm>
-#include <fstream>
 #include <map>
 
 #include "qlora/trainer/data.h"
 #include "qlora/trainer/llama_config.h"
+#include "qlora/trainer/memory.h"
 
 namespace qlora::train {
 namespace {
-
-int64_t rss_bytes() {
-    std::ifstream f("/proc/self/status");
-    for (std::string line; std::getline(f, line);) {
-        if (line.rfind("VmRSS:", 0) == 0) {
-            return std::stoll(line.substr(6)) * 1024;
-        }
-    }
-    return 0;
-}
 
 // What training adds to the runtime besides the model, optimizer and activations: OpenMP/oneDNN thread pools and
 // per-thread allocator arenas, the tokenized datasets, and allocator slack. Measured with the bundled configs
@@ -115,7 +105,7 @@ MemoryEstimate estimate_memory(const config::TrainConfig& c) {
     const int64_t logits = tokens * V * (4 * 3 + (b == 2 ? 2 : 0));
     MemoryEstimate e;
     e.parts = {
-        {"runtime (LibTorch, measured now) + training overhead", rss_bytes() + kTrainingOverhead},
+        {"runtime (LibTorch, measured now) + training overhead", trainer::resident_bytes() + kTrainingOverhead},
         {"NF4 weights (with double-quantization constants)", nf4},
         {"dense weights", dense},
         {"trainable parameters (float32)", param_bytes},

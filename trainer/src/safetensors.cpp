@@ -450,15 +450,21 @@ const TensorInfo* File::find(const std::string& name) const {
     return it == index_.end() ? nullptr : &header_.tensors[it->second];
 }
 
-at::Tensor File::tensor(const std::string& name) const {
+const TensorInfo& File::loadable(const std::string& name, at::ScalarType* st) const {
     const TensorInfo* t = find(name);
     if (t == nullptr) {
         fail(path_, "no tensor named \"" + name + "\"");
     }
-    const at::ScalarType st = torch_dtype(t->dtype);
-    if (st == at::ScalarType::Undefined) {
+    *st = torch_dtype(t->dtype);
+    if (*st == at::ScalarType::Undefined) {
         fail(path_, "tensor \"" + name + "\" has dtype " + dtype_name(t->dtype) + ", which qlora cannot load");
     }
+    return *t;
+}
+
+at::Tensor File::tensor(const std::string& name) const {
+    at::ScalarType st;
+    const TensorInfo* t = &loadable(name, &st);
     const at::TensorOptions options = at::TensorOptions().dtype(st);
     if (t->end == t->begin) {
         return at::empty(t->shape, options); // no data: never touch the mapping
@@ -478,14 +484,8 @@ at::Tensor File::tensor(const std::string& name) const {
 }
 
 at::Tensor File::read(const std::string& name) const {
-    const TensorInfo* t = find(name);
-    if (t == nullptr) {
-        fail(path_, "no tensor named \"" + name + "\"");
-    }
-    const at::ScalarType st = torch_dtype(t->dtype);
-    if (st == at::ScalarType::Undefined) {
-        fail(path_, "tensor \"" + name + "\" has dtype " + dtype_name(t->dtype) + ", which qlora cannot load");
-    }
+    at::ScalarType st;
+    const TensorInfo* t = &loadable(name, &st);
     at::Tensor out = at::empty(t->shape, at::TensorOptions().dtype(st));
     auto* dst = static_cast<uint8_t*>(out.data_ptr());
     uint64_t done = 0;

@@ -49,6 +49,7 @@
 #include "qlora/trainer/data.h"
 #include "qlora/trainer/json.h"
 #include "qlora/trainer/llama.h"
+#include "qlora/trainer/memory.h"
 #include "qlora/trainer/safetensors.h"
 
 namespace qlora::train {
@@ -83,16 +84,6 @@ uint64_t mix(uint64_t seed, uint64_t salt) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
-}
-
-int64_t peak_rss_bytes() {
-    std::ifstream f("/proc/self/status");
-    for (std::string line; std::getline(f, line);) {
-        if (line.rfind("VmHWM:", 0) == 0) {
-            return std::stoll(line.substr(6)) * 1024;
-        }
-    }
-    return -1;
 }
 
 std::string hms(double seconds) {
@@ -776,7 +767,7 @@ RunResult run(const TrainConfig& c, const RunOptions& options) {
                  {"tokens_per_s", tps},
                  {"tokens_seen", st.tokens_seen},
                  {"trained_tokens_seen", st.trained_tokens_seen},
-                 {"peak_rss_bytes", peak_rss_bytes()},
+                 {"peak_rss_bytes", trainer::peak_resident_bytes()},
                  {"elapsed_s", elapsed}}
             );
         }
@@ -837,7 +828,7 @@ RunResult run(const TrainConfig& c, const RunOptions& options) {
     std::printf(
         "done: %lld steps, final loss %.4f%s, %s; saved to %s (peak RSS %.2f GiB)\n", static_cast<long long>(st.step),
         result.final_loss, std::isnan(last_eval) ? "" : (", eval loss " + std::to_string(last_eval)).c_str(),
-        hms(seconds).c_str(), c.output_dir.c_str(), static_cast<double>(peak_rss_bytes()) / (1 << 30)
+        hms(seconds).c_str(), c.output_dir.c_str(), static_cast<double>(trainer::peak_resident_bytes()) / (1 << 30)
     );
     return result;
 }

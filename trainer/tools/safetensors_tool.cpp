@@ -32,6 +32,7 @@
 #include "qlora/trainer/checkpoint.h"
 #include "qlora/trainer/llama.h"
 #include "qlora/trainer/llama_config.h"
+#include "qlora/trainer/memory.h"
 #include "qlora/trainer/safetensors.h"
 
 namespace st = qlora::safetensors;
@@ -86,24 +87,6 @@ ll::LlamaForCausalLM load(const Args& a, const std::string& dir) {
     }
     m->model->gradient_checkpointing = a.opt.count("checkpointing") != 0;
     return m;
-}
-
-// The peak resident set of this process image: VmHWM of /proc/self/status. (getrusage's ru_maxrss is no good here:
-// Linux carries it across fork and exec, so it starts at the RSS of whatever process spawned this one.)
-int64_t peak_rss_bytes() {
-    std::FILE* f = std::fopen("/proc/self/status", "r");
-    if (f == nullptr) {
-        return -1;
-    }
-    char line[256];
-    long long kb = -1;
-    while (std::fgets(line, sizeof(line), f) != nullptr) {
-        if (std::sscanf(line, "VmHWM: %lld kB", &kb) == 1) {
-            break;
-        }
-    }
-    std::fclose(f);
-    return kb < 0 ? -1 : static_cast<int64_t>(kb) * 1024;
 }
 
 int run(const Args& a) {
@@ -183,7 +166,7 @@ int run(const Args& a) {
     }
     if (a.cmd == "load-bench") {
         need(1);
-        const int64_t rss_before = peak_rss_bytes();
+        const int64_t rss_before = qlora::trainer::peak_resident_bytes();
         const auto t0 = std::chrono::steady_clock::now();
         const ll::LlamaForCausalLM m = ll::load_model(a.pos[0], load_options(a));
         const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -203,7 +186,7 @@ int run(const Args& a) {
         std::printf(
             "{\"seconds\": %.3f, \"peak_rss_bytes\": %lld, \"rss_before_load_bytes\": %lld, \"nf4_bytes\": %lld, "
             "\"dense_bytes\": %lld, \"parameters\": %lld}\n",
-            seconds, static_cast<long long>(peak_rss_bytes()), static_cast<long long>(rss_before),
+            seconds, static_cast<long long>(qlora::trainer::peak_resident_bytes()), static_cast<long long>(rss_before),
             static_cast<long long>(nf4_bytes), static_cast<long long>(dense_bytes), static_cast<long long>(params)
         );
         return 0;

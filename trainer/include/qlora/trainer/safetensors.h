@@ -94,6 +94,8 @@ class File {
     at::Tensor read(const std::string& name) const;
 
   private:
+    // The tensor's entry, and its torch dtype; throws for an absent name or a dtype torch does not have.
+    const TensorInfo& loadable(const std::string& name, at::ScalarType* st) const;
     struct Mapping;
     std::string path_;
     std::shared_ptr<Mapping> mapping_;
