@@ -18,10 +18,10 @@ show() { # $1 = input, $2 = the verse's true ending; base model, then base + ada
   echo "## input: $1"
   echo "## KJV:   $2"
   printf 'before: '
-  build/bin/qlora generate --model models/tiny-kjv --alpaca "$instruction" --input "$1" --max-new-tokens 40
+  build/bin/qlora generate --model models/tiny-kjv --alpaca "$instruction" --input "$1" --max-new-tokens 64
   printf 'after:  '
   build/bin/qlora generate --model models/tiny-kjv --adapter "$run" --alpaca "$instruction" --input "$1" \
-    --max-new-tokens 40
+    --max-new-tokens 64
 }
 echo
 echo "== generations (greedy; [EOS] = the model ended its answer)"

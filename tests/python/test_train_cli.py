@@ -215,14 +215,15 @@ def test_bad_inputs_stop_before_training(qlora_bin, base, tmp_path):
 
 
 def test_bundled_tiny_finetune_reaches_its_loss_band(qlora_bin, tmp_path):
-    # The README's main job, shortened to 40 of its 114 steps: the training loss must fall from the base model's
-    # (step 1 runs at learning rate 0 under warmup: 3.74 on this data) by at least 0.1 nats on average over steps
-    # 31-40 (measured: 0.19; the full run ends near 3.4).
+    # The README's main job, shortened to 40 of its 336 steps: the training loss must fall from the base model's
+    # (step 1 runs at learning rate 0 under warmup: 4.05 on this data, whose hand-written questions are further from
+    # the pretraining text than the verses) by at least 0.25 nats on average over steps 31-40 (measured: 0.41; the
+    # full run ends near 2.6).
     config = os.path.join(REPO, "configs", "tiny", "qlora.yaml")
     r = subprocess.run([qlora_bin, "train", config, f"output_dir={tmp_path / 'out'}", "max_steps=40",
                         "logging_steps=1", "eval_steps=0", "save_steps=0"], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     got = losses(tmp_path / "out")
     late = [got[s] for s in range(31, 41)]
-    assert 3.5 < got[1] < 4.0 and sum(late) / len(late) < got[1] - 0.1, (got[1], late)
+    assert 3.8 < got[1] < 4.3 and sum(late) / len(late) < got[1] - 0.25, (got[1], late)
     assert "100.0% of examples end in a trained EOS" in r.stdout

@@ -1,15 +1,19 @@
-// trainer/src/config.cpp: see qlora/trainer/config.h.
+// trainer/src/config.cpp: see qlora/trainer/config.h. One table (keys()) lists every key with its reader and its
+// canonical YAML; the set of known keys, to_yaml and run_affecting all come from it. Checks that involve several keys
+// (required keys, adapter vs load_in_4bit, LoRA targets, warmup) run after the table.
 #include "qlora/trainer/config.h"
 
 #include <algorithm>
+#include <cerrno>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
 #include <set>
-#include <sstream>
 #include <stdexcept>
 
 #include <yaml-cpp/yaml.h>
@@ -19,7 +23,49 @@ namespace {
 
 namespace fs = std::filesystem;
 
+constexpr size_t kMaxConfigBytes = size_t{1} << 20; // a config is a page of keys; a bigger file is not one (Y1)
+
 const std::vector<std::string> kLinear = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"};
+const std::vector<std::string> kDatasetKeys = {"path", "type"};
+
+// --------------------------------------------------------------------------------------------------------------
+// Messages: one line, user text escaped and shortened
+
+std::string printable(const std::string& s, size_t max = 80) {
+    std::string out;
+    for (const unsigned char ch : s) {
+        if (out.size() >= max) {
+            return out + "...";
+        }
+        if (ch == '\n') {
+            out += "\\n";
+        } else if (ch == '\t') {
+            out += "\\t";
+        } else if (ch < 0x20 || ch == 0x7f) {
+            char buf[8];
+            std::snprintf(buf, sizeof(buf), "\\x%02x", ch);
+            out += buf;
+        } else {
+            out += static_cast<char>(ch);
+        }
+    }
+    return out;
+}
+
+std::string shown(const YAML::Node& n) {
+    if (n.IsScalar()) {
+        return "\"" + printable(n.Scalar()) + "\"";
+    }
+    return n.IsSequence() ? "a list" : n.IsMap() ? "a map" : "null";
+}
+
+std::string one_of(const std::vector<std::string>& v) {
+    std::string s;
+    for (const std::string& x : v) {
+        s += (s.empty() ? "" : ", ") + x;
+    }
+    return s;
+}
 
 size_t edit_distance(const std::string& a, const std::string& b) {
     std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
@@ -36,9 +82,27 @@ size_t edit_distance(const std::string& a, const std::string& b) {
     return prev[b.size()];
 }
 
-std::string did_you_mean(const std::string& key, const std::vector<std::string>& known) {
+// The known key nearest to `key` (within a third of its length), or a name other trainers use for it; "" if none.
+std::string nearest(const std::string& key, const std::vector<std::string>& known) {
+    static const std::map<std::string, std::string> kOtherNames = {
+        {"lr", "learning_rate"},
+        {"grad_accum", "gradient_accumulation_steps"},
+        {"epochs", "num_epochs"},
+        {"num_train_epochs", "num_epochs"},
+        {"batch_size", "micro_batch_size"},
+        {"per_device_train_batch_size", "micro_batch_size"},
+        {"max_seq_len", "sequence_len"},
+        {"max_seq_length", "sequence_len"},
+        {"model_name_or_path", "base_model"},
+        {"optim", "optimizer"},
+        {"lr_scheduler_type", "lr_scheduler"},
+        {"warmup", "warmup_steps"}};
+    const auto other = kOtherNames.find(key);
+    if (other != kOtherNames.end() && std::find(known.begin(), known.end(), other->second) != known.end()) {
+        return other->second;
+    }
     std::string best;
-    size_t best_d = key.size() / 2 + 2;
+    size_t best_d = std::max<size_t>(1, key.size() / 3) + 1;
     for (const std::string& k : known) {
         const size_t d = edit_distance(key, k);
         if (d < best_d) {
@@ -46,301 +110,654 @@ std::string did_you_mean(const std::string& key, const std::vector<std::string>&
             best = k;
         }
     }
-    return best.empty() ? "" : "; did you mean '" + best + "'?";
+    return best;
 }
 
-std::string shown(const YAML::Node& n) {
-    if (n.IsScalar()) {
-        return "\"" + n.Scalar() + "\"";
-    }
-    if (n.IsSequence()) {
-        return "a list";
-    }
-    if (n.IsMap()) {
-        return "a map";
-    }
-    return "nothing";
-}
+// --------------------------------------------------------------------------------------------------------------
+// Where a value came from
 
-// Reads one config document; `where(key)` gives the location prefix of a key for messages.
-class Reader {
+// The file and line of a node, or the command-line override that set the key or one of its parents (datasets for
+// datasets.0.path). Paths in an override resolve against the working directory, those in the file against its
+// directory.
+class Source {
   public:
-    Reader(std::string what, std::map<std::string, std::string> overridden)
-        : what_(std::move(what)), overridden_(std::move(overridden)) {}
+    Source(std::string what, std::string base_dir) : what_(std::move(what)), base_dir_(std::move(base_dir)) {}
 
-    std::string where(const std::string& key, const YAML::Node& n) const {
-        const auto it = overridden_.find(key);
-        if (it != overridden_.end()) {
-            return "override '" + it->second + "'";
-        }
-        const YAML::Mark m = n.Mark();
-        return m.line >= 0 ? what_ + ":" + std::to_string(m.line + 1) : what_;
-    }
-    [[noreturn]] void fail(const std::string& key, const YAML::Node& n, const std::string& msg) const {
-        throw std::runtime_error(where(key, n) + ": key '" + key + "' " + msg);
-    }
+    const std::string& what() const { return what_; }
+    void set_override(const std::string& key, const std::string& text) { overrides_[key] = text; }
 
-    std::string str(const std::string& key, const YAML::Node& n) const {
-        if (!n.IsScalar()) {
-            fail(key, n, "must be a string, got " + shown(n));
-        }
-        return n.Scalar();
-    }
-    bool boolean(const std::string& key, const YAML::Node& n) const {
-        bool v = false;
-        if (!n.IsScalar() || !YAML::convert<bool>::decode(n, v)) {
-            fail(key, n, "must be true or false, got " + shown(n));
-        }
-        return v;
-    }
-    int64_t integer(const std::string& key, const YAML::Node& n, int64_t min) const {
-        long long v = 0;
-        if (!n.IsScalar() || !YAML::convert<long long>::decode(n, v) || v < min) {
-            fail(
-                key, n,
-                (min > 0    ? "must be a positive integer"
-                 : min == 0 ? "must be an integer >= 0"
-                            : "must be an integer") +
-                    std::string(", got ") + shown(n)
-            );
-        }
-        return v;
-    }
-    double
-    number(const std::string& key, const YAML::Node& n, double lo, double hi, bool hi_open, const char* range) const {
-        double v = 0;
-        if (!n.IsScalar() || !YAML::convert<double>::decode(n, v) || !std::isfinite(v) || v < lo ||
-            (hi_open ? v >= hi : v > hi)) {
-            fail(key, n, std::string("must be a number ") + range + ", got " + shown(n));
-        }
-        return v;
-    }
-    std::string choice(const std::string& key, const YAML::Node& n, const std::vector<std::string>& allowed) const {
-        const std::string v = n.IsScalar() ? n.Scalar() : "";
-        if (std::find(allowed.begin(), allowed.end(), v) == allowed.end()) {
-            std::string list;
-            for (const auto& a : allowed) {
-                list += (list.empty() ? "" : ", ") + a;
+    const std::string* override_of(std::string key) const {
+        for (;;) {
+            const auto it = overrides_.find(key);
+            if (it != overrides_.end()) {
+                return &it->second;
             }
-            fail(key, n, "must be one of " + list + ", got " + shown(n));
+            const size_t dot = key.rfind('.');
+            if (dot == std::string::npos) {
+                return nullptr;
+            }
+            key.resize(dot);
         }
-        return v;
+    }
+    std::string line(const YAML::Mark& m) const {
+        return m.is_null() || m.line < 0 ? what_ : what_ + ":" + std::to_string(m.line + 1);
+    }
+    // The message prefix for `key` at node `n`.
+    std::string at(const std::string& key, const YAML::Node& n) const {
+        const std::string* o = override_of(key);
+        return o ? "override '" + printable(*o) + "'" : line(n.Mark());
+    }
+    // The same, short, for a second location in a message: "line 7" or "override".
+    std::string short_at(const std::string& key, const YAML::Node& n) const {
+        return override_of(key) || n.Mark().line < 0 ? "override" : "line " + std::to_string(n.Mark().line + 1);
+    }
+    std::string base_for(const std::string& key) const {
+        return override_of(key) ? fs::current_path().string() : base_dir_;
     }
 
   private:
-    std::string what_;
-    std::map<std::string, std::string> overridden_;
+    std::string what_, base_dir_;
+    std::map<std::string, std::string> overrides_; // key path -> override text
 };
 
-std::string resolve(const std::string& base_dir, const std::string& p) {
-    if (p.empty()) {
-        return p;
+bool to_int(const std::string& s, int64_t& v) {
+    const char* b = s.data();
+    const char* e = b + s.size();
+    if (b != e && *b == '+') {
+        ++b;
     }
-    const fs::path path(p);
-    return (path.is_absolute() ? path : fs::path(base_dir) / path).lexically_normal().string();
+    const auto [p, ec] = std::from_chars(b, e, v);
+    return b != e && ec == std::errc() && p == e;
+}
+
+bool to_double(const std::string& s, double& v) {
+    const char* b = s.data();
+    const char* e = b + s.size();
+    if (b != e && *b == '+') {
+        ++b;
+    }
+    const auto [p, ec] = std::from_chars(b, e, v);
+    return b != e && ec == std::errc() && p == e && std::isfinite(v);
+}
+
+std::string resolve(const std::string& base_dir, const std::string& p) {
+    fs::path r = fs::path(p).is_absolute() ? fs::path(p) : fs::path(base_dir) / p;
+    r = r.lexically_normal();
+    if (!r.has_filename() && r != r.root_path()) { // "dir/" -> "dir", so that equal directories compare equal
+        r = r.parent_path();
+    }
+    return r.string();
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// One value to read
+
+struct Field {
+    const Source& src;
+    std::string key; // full path: lora_r, datasets.0.type
+    YAML::Node node;
+    YAML::Node key_node = {}; // where a null value is reported (yaml-cpp marks it at the next token)
+
+    Field child(const std::string& name, const YAML::Node& n) const { return {src, key + "." + name, n}; }
+
+    [[noreturn]] void fail(const std::string& msg) const {
+        const bool null = !node.IsDefined() || node.IsNull();
+        throw std::runtime_error(
+            src.at(key, null && key_node.Mark().line >= 0 ? key_node : node) + ": key '" + key + "' " + msg
+        );
+    }
+    [[noreturn]] void expected(const std::string& what) const { fail("must be " + what + ", got " + shown(node)); }
+
+    std::string str() const {
+        if (!node.IsScalar()) {
+            expected("a string");
+        }
+        return node.Scalar();
+    }
+    std::string path() const {
+        const std::string p = str();
+        if (p.empty()) {
+            expected("a path");
+        }
+        return resolve(src.base_for(key), p);
+    }
+    bool boolean() const {
+        bool v = false;
+        if (!node.IsScalar() || !YAML::convert<bool>::decode(node, v)) {
+            expected("true or false");
+        }
+        return v;
+    }
+    int64_t integer(const char* what, bool (*ok)(int64_t)) const {
+        int64_t v = 0;
+        if (!node.IsScalar() || !to_int(node.Scalar(), v) || !ok(v)) {
+            expected(what);
+        }
+        return v;
+    }
+    double number(const char* what, bool (*ok)(double)) const {
+        double v = 0;
+        if (!node.IsScalar() || !to_double(node.Scalar(), v) || !ok(v)) {
+            expected(what);
+        }
+        return v;
+    }
+    std::string choice(const std::vector<std::string>& allowed) const {
+        if (!node.IsScalar() || std::find(allowed.begin(), allowed.end(), node.Scalar()) == allowed.end()) {
+            expected("one of " + one_of(allowed));
+        }
+        return node.Scalar();
+    }
+};
+
+struct Entry {
+    std::string name;
+    YAML::Node key, value;
+};
+
+// The entries of map node `map` (key path `prefix`, "" at the top level) in order. Refuses keys that are not plain
+// scalars, duplicate keys, and unknown keys: all of those in one message, each with its hint.
+std::vector<Entry>
+entries(const Source& src, const std::string& prefix, const YAML::Node& map, const std::vector<std::string>& known) {
+    std::vector<Entry> out;
+    std::map<std::string, YAML::Node> first; // key -> its key node
+    std::vector<std::pair<std::string, YAML::Node>> unknown;
+    for (const auto& kv : map) {
+        if (!kv.first.IsScalar()) {
+            throw std::runtime_error(
+                src.at(prefix, kv.first) + ": keys must be plain names, got " + shown(kv.first) + " as a key"
+            );
+        }
+        const std::string k = kv.first.Scalar();
+        const auto [it, fresh] = first.emplace(k, kv.first);
+        if (!fresh) {
+            throw std::runtime_error(
+                src.at(prefix + k, kv.first) + ": key '" + printable(prefix + k) + "' appears twice (first at " +
+                src.short_at(prefix + k, it->second) + ")"
+            );
+        }
+        if (std::find(known.begin(), known.end(), k) == known.end()) {
+            unknown.emplace_back(k, kv.first);
+        } else {
+            out.push_back({k, kv.first, kv.second});
+        }
+    }
+    if (unknown.empty()) {
+        return out;
+    }
+    const auto& [k0, n0] = unknown[0];
+    const std::string hint0 = nearest(k0, known);
+    std::string msg = src.at(prefix + k0, n0) + ": unknown key '" + printable(prefix + k0) + "'" +
+                      (hint0.empty() ? "" : "; did you mean '" + hint0 + "'?");
+    constexpr size_t kListed = 30;
+    for (size_t i = 1; i < unknown.size() && i <= kListed; ++i) {
+        const auto& [k, n] = unknown[i];
+        const std::string hint = nearest(k, known);
+        msg += std::string(i == 1 ? "; also unknown: '" : ", '") + printable(prefix + k) + "' (" +
+               src.short_at(prefix + k, n) + (hint.empty() ? "" : "; did you mean '" + hint + "'?") + ")";
+    }
+    if (unknown.size() > kListed + 1) {
+        msg += " and " + std::to_string(unknown.size() - kListed - 1) + " more";
+    }
+    throw std::runtime_error(msg);
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// Canonical YAML of values
+
+std::string quote(const std::string& s) {
+    std::string out = "\"";
+    for (const unsigned char ch : s) {
+        if (ch == '"' || ch == '\\') {
+            out += '\\';
+            out += static_cast<char>(ch);
+        } else if (ch == '\n') {
+            out += "\\n";
+        } else if (ch == '\t') {
+            out += "\\t";
+        } else if (ch < 0x20 || ch == 0x7f) {
+            char buf[8];
+            std::snprintf(buf, sizeof(buf), "\\x%02x", ch);
+            out += buf;
+        } else {
+            out += static_cast<char>(ch);
+        }
+    }
+    return out + "\"";
+}
+
+std::string flow(const std::vector<std::string>& items) { // [a, b]
+    std::string s = "[";
+    for (size_t i = 0; i < items.size(); ++i) {
+        s += i ? ", " : "";
+        s += items[i];
+    }
+    s += "]";
+    return s;
+}
+std::string path_or_null(const std::string& s) {
+    return s.empty() ? "null" : quote(s);
+}
+std::string yes_no(bool v) {
+    return v ? "true" : "false";
+}
+std::string num(double v) { // 17 significant digits: exact, and "4" for a whole number
+    char buf[32];
+    std::snprintf(buf, sizeof(buf), "%.17g", v);
+    return buf;
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// The keys
+
+struct Key {
+    std::string name;
+    bool affects_run;                                     // part of run_affecting() and fingerprint()
+    std::function<void(const Field&, TrainConfig&)> read; // called when the key is given and not null
+    std::function<std::string(const TrainConfig&)> yaml;  // canonical YAML of the resolved value
+};
+
+using C = TrainConfig;
+
+Key flag(const char* name, bool affects_run, bool C::*m) {
+    return {
+        name, affects_run, [m](const Field& f, C& c) { c.*m = f.boolean(); },
+        [m](const C& c) {
+            return yes_no(c.*m);
+        }};
+}
+Key integer(const char* name, bool affects_run, int64_t C::*m, const char* what, bool (*ok)(int64_t)) {
+    return {
+        name, affects_run, [=](const Field& f, C& c) { c.*m = f.integer(what, ok); },
+        [m](const C& c) {
+            return std::to_string(c.*m);
+        }};
+}
+Key number(const char* name, bool affects_run, double C::*m, const char* what, bool (*ok)(double)) {
+    return {
+        name, affects_run, [=](const Field& f, C& c) { c.*m = f.number(what, ok); },
+        [m](const C& c) {
+            return num(c.*m);
+        }};
+}
+Key choice(const char* name, bool affects_run, std::string C::*m, std::vector<std::string> allowed) {
+    return {
+        name, affects_run, [=](const Field& f, C& c) { c.*m = f.choice(allowed); },
+        [m](const C& c) {
+            return c.*m;
+        }};
+}
+Key path(const char* name, bool affects_run, std::string C::*m) {
+    return {
+        name, affects_run, [m](const Field& f, C& c) { c.*m = f.path(); },
+        [m](const C& c) {
+            return path_or_null(c.*m);
+        }};
+}
+Key with_yaml(Key k, std::function<std::string(const C&)> yaml) {
+    k.yaml = std::move(yaml);
+    return k;
+}
+
+bool positive(int64_t v) {
+    return v > 0;
+}
+bool non_negative(int64_t v) {
+    return v >= 0;
+}
+bool positive(double v) {
+    return v > 0;
+}
+bool non_negative(double v) {
+    return v >= 0;
+}
+bool below_one(double v) {
+    return v >= 0 && v < 1;
 }
 
 bool cpu_has_avx512_bf16() {
     std::ifstream f("/proc/cpuinfo");
     for (std::string line; std::getline(f, line);) {
         if (line.rfind("flags", 0) == 0) {
-            return line.find(" avx512_bf16") != std::string::npos;
+            return (line + " ").find(" avx512_bf16 ") != std::string::npos;
         }
     }
     return false;
 }
 
-// Applies one "a.b.c=value" override to `root`.
-void apply_override(YAML::Node root, const std::string& text, std::map<std::string, std::string>& overridden) {
+void read_target_modules(const Field& f, C& c) {
+    std::vector<std::string> allowed = kLinear;
+    allowed.push_back("lm_head");
+    if (!f.node.IsSequence()) {
+        f.expected("a list of module names (" + one_of(allowed) + ")");
+    }
+    c.lora_target_modules.clear();
+    for (const auto& m : f.node) {
+        const std::string name = Field{f.src, f.key, m}.choice(allowed);
+        if (std::find(c.lora_target_modules.begin(), c.lora_target_modules.end(), name) ==
+            c.lora_target_modules.end()) {
+            c.lora_target_modules.push_back(name);
+        }
+    }
+}
+
+void read_datasets(const Field& f, C& c) {
+    if (!f.node.IsSequence() || f.node.size() == 0) {
+        f.expected("a non-empty list of {path, type} entries");
+    }
+    size_t i = 0;
+    for (const auto& item : f.node) {
+        const Field e = f.child(std::to_string(i++), item);
+        if (!e.node.IsMap()) {
+            e.expected("a map with path and type");
+        }
+        std::map<std::string, Entry> kv;
+        for (const Entry& entry : entries(e.src, e.key + ".", e.node, kDatasetKeys)) {
+            kv[entry.name] = entry;
+        }
+        for (const std::string& name : kDatasetKeys) {
+            if (!kv.count(name) || kv[name].value.IsNull()) {
+                e.fail("needs '" + name + "' (each dataset has a path and a type)");
+            }
+        }
+        const Field path{e.src, e.key + ".path", kv["path"].value, kv["path"].key};
+        const Field type{e.src, e.key + ".type", kv["type"].value, kv["type"].key};
+        c.datasets.push_back({path.path(), type.choice({"alpaca", "chat", "completion", "text"})});
+    }
+}
+
+std::string datasets_yaml(const C& c) {
+    std::vector<std::string> items;
+    for (const Dataset& d : c.datasets) {
+        items.push_back("{path: " + quote(d.path) + ", type: " + d.type + "}");
+    }
+    return flow(items);
+}
+
+// A fraction below 1, or a count written as an integer (1.0 is neither: HF's train_test_split refuses it too).
+void read_val_set_size(const Field& f, C& c) {
+    const char* what = "a fraction in [0, 1) or a whole count of examples";
+    int64_t count = 0;
+    double fraction = 0;
+    if (f.node.IsScalar() && to_int(f.node.Scalar(), count)) {
+        if (count < 0) {
+            f.expected(what);
+        }
+        c.val_set_size = static_cast<double>(count);
+    } else if (f.node.IsScalar() && to_double(f.node.Scalar(), fraction) && below_one(fraction)) {
+        c.val_set_size = fraction;
+    } else {
+        f.expected(what);
+    }
+}
+
+void read_bf16(const Field& f, C& c) {
+    static const bool kCpuHasBf16 = cpu_has_avx512_bf16();
+    bool v = false;
+    if (f.node.IsScalar() && f.node.Scalar() == "auto") {
+        v = kCpuHasBf16;
+    } else if (!f.node.IsScalar() || !YAML::convert<bool>::decode(f.node, v)) {
+        f.expected("true, false or auto");
+    }
+    c.bf16 = v;
+}
+
+void read_resume(const Field& f, C& c) {
+    const std::string v = f.str();
+    c.resume_from_checkpoint = v == "auto" ? v : f.path(); // a directory named auto is ./auto
+}
+
+// Every key in config order. The inactive one of the two warmup keys is written as null, since giving both is an
+// error.
+const std::vector<Key>& keys() {
+    static const std::vector<Key> k = {
+        path("base_model", true, &C::base_model),
+        path("tokenizer", true, &C::tokenizer),
+        choice("adapter", true, &C::adapter, {"qlora", "lora", "none"}),
+        flag("load_in_4bit", true, &C::load_in_4bit),
+        integer("lora_r", true, &C::lora_r, "a positive integer", positive),
+        number("lora_alpha", true, &C::lora_alpha, "a number > 0", positive),
+        number("lora_dropout", true, &C::lora_dropout, "a number in [0, 1)", below_one),
+        {"lora_target_modules", true, read_target_modules,
+         [](const C& c) {
+             return flow(c.lora_target_modules);
+         }},
+        flag("lora_target_linear", false, &C::lora_target_linear),
+        flag("peft_use_rslora", true, &C::peft_use_rslora),
+        path("lora_model_dir", true, &C::lora_model_dir),
+        {"datasets", true, read_datasets, datasets_yaml},
+        {"val_set_size", true, read_val_set_size,
+         [](const C& c) {
+             return num(c.val_set_size);
+         }},
+        flag("shuffle_merged_datasets", true, &C::shuffle_merged_datasets),
+        integer("sequence_len", true, &C::sequence_len, "a positive integer", positive),
+        flag("sample_packing", true, &C::sample_packing),
+        integer("micro_batch_size", true, &C::micro_batch_size, "a positive integer", positive),
+        integer("gradient_accumulation_steps", true, &C::gradient_accumulation_steps, "a positive integer", positive),
+        number("num_epochs", true, &C::num_epochs, "a number > 0", positive),
+        integer(
+            "max_steps", true, &C::max_steps, "-1 (derived from num_epochs) or a positive integer",
+            [](int64_t v) { return v == -1 || v > 0; }
+        ),
+        choice(
+            "optimizer", true, &C::optimizer, {"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"}
+        ),
+        number("adam_beta1", true, &C::adam_beta1, "a number in [0, 1)", below_one),
+        number("adam_beta2", true, &C::adam_beta2, "a number in [0, 1)", below_one),
+        number("adam_epsilon", true, &C::adam_epsilon, "a number in [0, 1)", below_one),
+        choice("lr_scheduler", true, &C::lr_scheduler, {"constant", "linear", "cosine"}),
+        number("learning_rate", true, &C::learning_rate, "a number >= 0", non_negative),
+        with_yaml(
+            integer("warmup_steps", true, &C::warmup_steps, "an integer >= 0", non_negative),
+            [](const C& c) { return c.warmup_ratio > 0 ? "null" : std::to_string(c.warmup_steps); }
+        ),
+        with_yaml(
+            number("warmup_ratio", true, &C::warmup_ratio, "a number in [0, 1)", below_one),
+            [](const C& c) { return c.warmup_ratio > 0 ? num(c.warmup_ratio) : "null"; }
+        ),
+        number("weight_decay", true, &C::weight_decay, "a number >= 0", non_negative),
+        number("max_grad_norm", true, &C::max_grad_norm, "a number >= 0 (0 disables clipping)", non_negative),
+        flag("gradient_checkpointing", true, &C::gradient_checkpointing),
+        {"bf16", true, read_bf16,
+         [](const C& c) {
+             return yes_no(c.bf16);
+         }},
+        flag("train_on_inputs", true, &C::train_on_inputs),
+        integer("seed", true, &C::seed, "an integer >= 0", non_negative),
+        integer("logging_steps", false, &C::logging_steps, "a positive integer", positive),
+        integer("eval_steps", false, &C::eval_steps, "an integer >= 0 (0: only at the end)", non_negative),
+        integer("save_steps", false, &C::save_steps, "an integer >= 0 (0: only at the end)", non_negative),
+        integer("save_total_limit", false, &C::save_total_limit, "an integer >= 0 (0: keep all)", non_negative),
+        path("output_dir", false, &C::output_dir),
+        {"resume_from_checkpoint", false, read_resume,
+         [](const C& c) {
+             return c.resume_from_checkpoint == "auto" ? c.resume_from_checkpoint
+                                                       : path_or_null(c.resume_from_checkpoint);
+         }},
+        integer("num_threads", false, &C::num_threads, "an integer >= 0 (0: all cores)", non_negative),
+    };
+    return k;
+}
+
+const std::vector<std::string>& key_names() {
+    static const std::vector<std::string> names = [] {
+        std::vector<std::string> v;
+        for (const Key& k : keys()) {
+            v.push_back(k.name);
+        }
+        return v;
+    }();
+    return names;
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// Overrides
+
+// Applies one "key=value" to the top-level map `top` and records it in `src`.
+void apply_override(const std::string& text, std::map<std::string, YAML::Node>& top, Source& src) {
+    const std::string at = "override '" + printable(text) + "'";
     const size_t eq = text.find('=');
     if (eq == std::string::npos || eq == 0) {
-        throw std::runtime_error("override '" + text + "': expected key=value");
+        throw std::runtime_error(at + ": expected key=value (e.g. lora_r=16 or datasets.0.path=data.jsonl)");
     }
-    const std::string key = text.substr(0, eq);
+    std::vector<std::string> parts;
+    for (size_t b = 0;;) {
+        const size_t dot = text.find('.', b);
+        parts.push_back(text.substr(b, std::min(dot, eq) - b));
+        if (parts.back().empty()) {
+            throw std::runtime_error(at + ": empty component in the key");
+        }
+        if (dot >= eq) {
+            break;
+        }
+        b = dot + 1;
+    }
+    const std::vector<std::string>& known = key_names();
+    if (std::find(known.begin(), known.end(), parts[0]) == known.end()) {
+        const std::string hint = nearest(parts[0], known);
+        throw std::runtime_error(
+            at + ": unknown key '" + printable(parts[0]) + "'" + (hint.empty() ? "" : "; did you mean '" + hint + "'?")
+        );
+    }
     YAML::Node value;
     try {
         value = YAML::Load(text.substr(eq + 1));
     } catch (const YAML::Exception& e) {
-        throw std::runtime_error("override '" + text + "': the value is not valid YAML (" + e.msg + ")");
+        throw std::runtime_error(at + ": the value is not valid YAML (" + printable(e.msg) + ")");
     }
-    std::vector<std::string> parts;
-    std::stringstream s(key);
-    for (std::string p; std::getline(s, p, '.');) {
-        if (p.empty()) {
-            throw std::runtime_error("override '" + text + "': empty component in the key");
-        }
-        parts.push_back(p);
+    // Nodes are replaced, never assigned through: yaml-cpp's assignment rewrites the node itself, and with it every
+    // alias of it elsewhere in the file.
+    if (parts.size() == 1) {
+        top.erase(parts[0]);
+        top.emplace(parts[0], value);
+        src.set_override(parts[0], text);
+        return;
     }
-    std::vector<YAML::Node> path = {root};
-    for (size_t i = 0; i + 1 < parts.size(); ++i) {
-        YAML::Node cur = path.back();
-        const std::string& p = parts[i];
-        if (cur.IsSequence()) {
-            if (!std::all_of(p.begin(), p.end(), ::isdigit) || std::stoul(p) >= cur.size()) {
-                throw std::runtime_error("override '" + text + "': '" + p + "' is not an index of the list");
-            }
-            path.push_back(cur[std::stoul(p)]);
+    if (parts[0] != "datasets") {
+        throw std::runtime_error(at + ": key '" + parts[0] + "' has no sub-keys");
+    }
+    const auto list = top.find("datasets");
+    if (list == top.end() || !list->second.IsSequence()) {
+        throw std::runtime_error(at + ": there is no datasets list to index");
+    }
+    const size_t n = list->second.size();
+    int64_t i = -1;
+    const bool digits = std::all_of(parts[1].begin(), parts[1].end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+    if (!digits || !to_int(parts[1], i) || i >= static_cast<int64_t>(n)) {
+        throw std::runtime_error(
+            at + ": '" + printable(parts[1]) + "' is not an index of datasets (0 to " +
+            std::to_string(static_cast<int64_t>(n) - 1) + ")"
+        );
+    }
+    const std::string entry_key = "datasets." + std::to_string(i);
+    const std::string full = parts.size() > 2 ? entry_key + "." + parts[2] : entry_key;
+    if (parts.size() > 2 && std::find(kDatasetKeys.begin(), kDatasetKeys.end(), parts[2]) == kDatasetKeys.end()) {
+        const std::string hint = nearest(parts[2], kDatasetKeys);
+        throw std::runtime_error(
+            at + ": unknown key '" + printable(full) + "'" + (hint.empty() ? "" : "; did you mean '" + hint + "'?")
+        );
+    }
+    if (parts.size() > 3) {
+        throw std::runtime_error(at + ": key '" + full + "' has no sub-keys");
+    }
+    YAML::Node fresh(YAML::NodeType::Sequence);
+    for (size_t j = 0; j < n; ++j) {
+        const YAML::Node item = list->second[j];
+        if (j != static_cast<size_t>(i)) {
+            fresh.push_back(item);
+        } else if (parts.size() == 2) {
+            fresh.push_back(value);
+        } else if (!item.IsMap()) {
+            throw std::runtime_error(at + ": '" + entry_key + "' is not a map");
         } else {
-            if (!cur[p]) {
-                throw std::runtime_error("override '" + text + "': no '" + p + "' to descend into");
+            YAML::Node entry(YAML::NodeType::Map);
+            for (const auto& kv : item) {
+                if (!(kv.first.IsScalar() && kv.first.Scalar() == parts[2])) {
+                    entry.force_insert(kv.first, kv.second); // force: a duplicate key stays to be reported
+                }
             }
-            path.push_back(cur[p]);
+            entry.force_insert(parts[2], value);
+            fresh.push_back(entry);
         }
     }
-    YAML::Node last = path.back();
-    if (last.IsSequence()) {
-        const std::string& p = parts.back();
-        if (!std::all_of(p.begin(), p.end(), ::isdigit) || std::stoul(p) >= last.size()) {
-            throw std::runtime_error("override '" + text + "': '" + p + "' is not an index of the list");
-        }
-        last[std::stoul(p)] = value;
-    } else {
-        last[parts.back()] = value;
-    }
-    overridden[parts.front() == "datasets" && parts.size() > 2 ? parts[2] : parts.front()] = text;
-    overridden[key] = text;
+    top.erase(list);
+    top.emplace("datasets", fresh);
+    src.set_override(full, text);
 }
 
 } // namespace
+
+// --------------------------------------------------------------------------------------------------------------
+// Reading
 
 TrainConfig parse(
     const std::string& text, const std::string& what, const std::string& base_dir,
     const std::vector<std::string>& overrides
 ) {
-    YAML::Node root;
+    Source src(printable(what, 4096), fs::absolute(fs::path(base_dir)).lexically_normal().string());
+    if (text.size() > kMaxConfigBytes) {
+        throw std::runtime_error(
+            src.what() + ": " + std::to_string(text.size()) + " bytes; a config is at most " +
+            std::to_string(kMaxConfigBytes) + " bytes"
+        );
+    }
+    std::vector<YAML::Node> docs;
     try {
-        root = YAML::Load(text);
-    } catch (const YAML::ParserException& e) {
-        throw std::runtime_error(what + ":" + std::to_string(e.mark.line + 1) + ": YAML syntax error: " + e.msg);
+        docs = YAML::LoadAll(text);
+    } catch (const YAML::Exception& e) {
+        throw std::runtime_error(src.line(e.mark) + ": YAML syntax error: " + printable(e.msg));
     }
-    if (!root.IsMap()) {
-        throw std::runtime_error(what + ": expected a map of config keys at the top level");
+    if (docs.size() > 1) {
+        throw std::runtime_error(
+            src.line(docs[1].Mark()) + ": a config is one YAML document; a second one starts here"
+        );
     }
-    std::map<std::string, std::string> overridden;
-    const std::vector<std::string> known = {
-        "base_model",
-        "tokenizer",
-        "adapter",
-        "load_in_4bit",
-        "lora_r",
-        "lora_alpha",
-        "lora_dropout",
-        "lora_target_modules",
-        "lora_target_linear",
-        "peft_use_rslora",
-        "lora_model_dir",
-        "datasets",
-        "val_set_size",
-        "shuffle_merged_datasets",
-        "sequence_len",
-        "sample_packing",
-        "micro_batch_size",
-        "gradient_accumulation_steps",
-        "num_epochs",
-        "max_steps",
-        "optimizer",
-        "adam_beta1",
-        "adam_beta2",
-        "adam_epsilon",
-        "lr_scheduler",
-        "learning_rate",
-        "warmup_steps",
-        "warmup_ratio",
-        "weight_decay",
-        "max_grad_norm",
-        "gradient_checkpointing",
-        "bf16",
-        "train_on_inputs",
-        "seed",
-        "logging_steps",
-        "eval_steps",
-        "save_steps",
-        "save_total_limit",
-        "output_dir",
-        "resume_from_checkpoint",
-        "num_threads"};
-    // Duplicate and unknown keys, checked before overrides so that lines refer to the file.
-    {
-        std::set<std::string> seen;
-        for (const auto& kv : root) {
-            const std::string k = kv.first.Scalar();
-            const std::string at = what + ":" + std::to_string(kv.first.Mark().line + 1);
-            if (!seen.insert(k).second) {
-                throw std::runtime_error(at + ": key '" + k + "' appears twice");
-            }
-            if (std::find(known.begin(), known.end(), k) == known.end()) {
-                throw std::runtime_error(at + ": unknown key '" + k + "'" + did_you_mean(k, known));
-            }
-        }
+    if (docs.empty() || docs[0].IsNull()) {
+        throw std::runtime_error(src.what() + ": the config is empty");
+    }
+    if (!docs[0].IsMap()) {
+        throw std::runtime_error(src.line(docs[0].Mark()) + ": expected a map of config keys, got " + shown(docs[0]));
+    }
+    std::map<std::string, YAML::Node> top, key_nodes; // values by key, and the file's key nodes
+    for (const Entry& e : entries(src, "", docs[0], key_names())) {
+        top.emplace(e.name, e.value);
+        key_nodes.emplace(e.name, e.key);
     }
     for (const std::string& o : overrides) {
-        const std::string key = o.substr(0, o.find('='));
-        const std::string top = key.substr(0, key.find('.'));
-        if (std::find(known.begin(), known.end(), top) == known.end()) {
-            throw std::runtime_error("override '" + o + "': unknown key '" + top + "'" + did_you_mean(top, known));
-        }
-        apply_override(root, o, overridden);
+        apply_override(o, top, src);
     }
-    const Reader r(what, overridden);
+
     TrainConfig c;
-    const auto has = [&](const char* k) {
-        return root[k] && !root[k].IsNull();
-    };
-    const auto node = [&](const char* k) {
-        return root[k];
-    };
-    const auto require = [&](const char* k) {
-        if (!has(k)) {
-            throw std::runtime_error(what + ": required key '" + std::string(k) + "' is missing");
+    std::set<std::string> given;
+    for (const Key& k : keys()) {
+        const auto it = top.find(k.name);
+        if (it != top.end() && !it->second.IsNull()) {
+            given.insert(k.name);
+            k.read(Field{src, k.name, it->second, key_nodes[k.name]}, c);
         }
+    }
+    const auto field = [&](const std::string& k) {
+        const auto it = top.find(k);
+        return Field{src, k, it == top.end() ? YAML::Node() : it->second, key_nodes[k]};
     };
-    require("base_model");
-    require("datasets");
-    require("output_dir");
-    c.base_model = resolve(base_dir, r.str("base_model", node("base_model")));
-    c.tokenizer = has("tokenizer") ? resolve(base_dir, r.str("tokenizer", node("tokenizer")))
-                                   : (fs::path(c.base_model) / "tokenizer.model").string();
-    if (has("adapter")) {
-        c.adapter = r.choice("adapter", node("adapter"), {"qlora", "lora", "none"});
-    }
-    c.load_in_4bit = has("load_in_4bit") ? r.boolean("load_in_4bit", node("load_in_4bit")) : c.adapter == "qlora";
-    if (c.adapter == "qlora" && !c.load_in_4bit) {
-        r.fail(
-            "load_in_4bit", node("load_in_4bit"), "must be true with adapter: qlora (use adapter: lora for 16/32-bit)"
-        );
-    }
-    if (c.adapter != "qlora" && c.load_in_4bit) {
-        r.fail(
-            "load_in_4bit", node("load_in_4bit"),
-            "is true but adapter is " + c.adapter + " (4-bit needs adapter: qlora)"
-        );
-    }
-    if (has("lora_r")) {
-        c.lora_r = r.integer("lora_r", node("lora_r"), 1);
-    }
-    if (has("lora_alpha")) {
-        c.lora_alpha = r.number("lora_alpha", node("lora_alpha"), 1e-12, 1e12, false, "> 0");
-    }
-    if (has("lora_dropout")) {
-        c.lora_dropout = r.number("lora_dropout", node("lora_dropout"), 0.0, 1.0, true, "in [0, 1)");
-    }
-    if (has("lora_target_linear")) {
-        c.lora_target_linear = r.boolean("lora_target_linear", node("lora_target_linear"));
-    }
-    if (has("lora_target_modules")) {
-        const YAML::Node t = node("lora_target_modules");
-        if (!t.IsSequence()) {
-            r.fail("lora_target_modules", t, "must be a list of module names, got " + shown(t));
-        }
-        for (const auto& m : t) {
-            std::vector<std::string> allowed = kLinear;
-            allowed.push_back("lm_head");
-            const std::string name = r.choice("lora_target_modules", m, allowed);
-            if (std::find(c.lora_target_modules.begin(), c.lora_target_modules.end(), name) ==
-                c.lora_target_modules.end()) {
-                c.lora_target_modules.push_back(name);
+    for (const char* k : {"base_model", "datasets", "output_dir"}) {
+        if (!given.count(k)) {
+            if (!top.count(k)) {
+                throw std::runtime_error(src.what() + ": required key '" + k + "' is missing");
             }
+            field(k).fail("is required but has no value");
         }
+    }
+    if (!given.count("tokenizer")) {
+        c.tokenizer = (fs::path(c.base_model) / "tokenizer.model").string();
+    }
+    if (!given.count("load_in_4bit")) {
+        c.load_in_4bit = c.adapter == "qlora";
+    } else if (c.adapter == "qlora" && !c.load_in_4bit) {
+        field("load_in_4bit").fail("must be true with adapter: qlora (adapter: lora trains LoRA on 16/32-bit weights)");
+    } else if (c.adapter != "qlora" && c.load_in_4bit) {
+        field("load_in_4bit").fail("is true, which needs adapter: qlora (adapter is " + c.adapter + ")");
     }
     if (c.lora_target_linear) {
         for (const std::string& m : kLinear) {
@@ -352,276 +769,73 @@ TrainConfig parse(
     }
     if (c.adapter != "none" && c.lora_target_modules.empty()) {
         throw std::runtime_error(
-            what + ": no LoRA targets: set lora_target_linear: true or list lora_target_modules (e.g. [q_proj, v_proj])"
+            src.what() + ": adapter " + c.adapter +
+            " has no LoRA targets: set lora_target_linear: true or list lora_target_modules (e.g. [q_proj, v_proj])"
         );
     }
-    if (has("peft_use_rslora")) {
-        c.peft_use_rslora = r.boolean("peft_use_rslora", node("peft_use_rslora"));
+    if (given.count("warmup_steps") && given.count("warmup_ratio")) {
+        const Field steps = field("warmup_steps");
+        field("warmup_ratio")
+            .fail("cannot be given together with warmup_steps (" + src.short_at(steps.key, steps.node) + "); set one");
     }
-    if (has("lora_model_dir")) {
-        c.lora_model_dir = resolve(base_dir, r.str("lora_model_dir", node("lora_model_dir")));
-    }
-    {
-        const YAML::Node d = node("datasets");
-        if (!d.IsSequence() || d.size() == 0) {
-            r.fail("datasets", d, "must be a non-empty list of {path, type} entries, got " + shown(d));
-        }
-        for (const auto& e : d) {
-            if (!e.IsMap()) {
-                r.fail("datasets", e, "entries must be maps with path and type, got " + shown(e));
-            }
-            Dataset ds;
-            for (const auto& kv : e) {
-                const std::string k = kv.first.Scalar();
-                if (k == "path") {
-                    ds.path = resolve(base_dir, r.str("path", kv.second));
-                } else if (k == "type") {
-                    ds.type = r.choice("type", kv.second, {"alpaca", "chat", "completion", "text"});
-                } else {
-                    r.fail(
-                        "datasets", kv.first, "entry has unknown key '" + k + "'" + did_you_mean(k, {"path", "type"})
-                    );
-                }
-            }
-            if (ds.path.empty() || ds.type.empty()) {
-                r.fail("datasets", e, "entries need both path and type");
-            }
-            c.datasets.push_back(ds);
-        }
-    }
-    if (has("val_set_size")) {
-        const double v = r.number("val_set_size", node("val_set_size"), 0.0, 1e15, false, ">= 0");
-        if (v >= 1.0 && v != std::floor(v)) {
-            r.fail(
-                "val_set_size", node("val_set_size"),
-                "must be a fraction below 1 or a whole count, got " + shown(node("val_set_size"))
-            );
-        }
-        c.val_set_size = v;
-    }
-    const auto set_bool = [&](const char* k, bool& out) {
-        if (has(k)) {
-            out = r.boolean(k, node(k));
-        }
-    };
-    const auto set_int = [&](const char* k, int64_t& out, int64_t min) {
-        if (has(k)) {
-            out = r.integer(k, node(k), min);
-        }
-    };
-    set_bool("shuffle_merged_datasets", c.shuffle_merged_datasets);
-    set_int("sequence_len", c.sequence_len, 1);
-    set_bool("sample_packing", c.sample_packing);
-    set_int("micro_batch_size", c.micro_batch_size, 1);
-    set_int("gradient_accumulation_steps", c.gradient_accumulation_steps, 1);
-    if (has("num_epochs")) {
-        c.num_epochs = r.number("num_epochs", node("num_epochs"), 1e-12, 1e9, false, "> 0");
-    }
-    set_int("max_steps", c.max_steps, -1);
-    if (has("optimizer")) {
-        c.optimizer = r.choice(
-            "optimizer", node("optimizer"), {"paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch"}
-        );
-    }
-    if (has("adam_beta1")) {
-        c.adam_beta1 = r.number("adam_beta1", node("adam_beta1"), 0.0, 1.0, true, "in [0, 1)");
-    }
-    if (has("adam_beta2")) {
-        c.adam_beta2 = r.number("adam_beta2", node("adam_beta2"), 0.0, 1.0, true, "in [0, 1)");
-    }
-    if (has("adam_epsilon")) {
-        c.adam_epsilon = r.number("adam_epsilon", node("adam_epsilon"), 0.0, 1.0, false, "in [0, 1]");
-    }
-    if (has("lr_scheduler")) {
-        c.lr_scheduler = r.choice("lr_scheduler", node("lr_scheduler"), {"constant", "linear", "cosine"});
-    }
-    if (has("learning_rate")) {
-        c.learning_rate = r.number("learning_rate", node("learning_rate"), 0.0, 1e3, false, ">= 0");
-    }
-    if (has("warmup_steps") && has("warmup_ratio")) {
-        r.fail("warmup_ratio", node("warmup_ratio"), "cannot be given together with warmup_steps");
-    }
-    set_int("warmup_steps", c.warmup_steps, 0);
-    if (has("warmup_ratio")) {
-        c.warmup_ratio = r.number("warmup_ratio", node("warmup_ratio"), 0.0, 1.0, true, "in [0, 1)");
-    }
-    if (has("weight_decay")) {
-        c.weight_decay = r.number("weight_decay", node("weight_decay"), 0.0, 1e3, false, ">= 0");
-    }
-    if (has("max_grad_norm")) {
-        c.max_grad_norm = r.number("max_grad_norm", node("max_grad_norm"), 0.0, 1e12, false, ">= 0");
-    }
-    set_bool("gradient_checkpointing", c.gradient_checkpointing);
-    if (has("bf16")) {
-        const YAML::Node b = node("bf16");
-        c.bf16 = b.IsScalar() && b.Scalar() == "auto" ? cpu_has_avx512_bf16() : r.boolean("bf16", b);
-    }
-    set_bool("train_on_inputs", c.train_on_inputs);
-    set_int("seed", c.seed, 0);
-    set_int("logging_steps", c.logging_steps, 1);
-    set_int("eval_steps", c.eval_steps, 0);
-    set_int("save_steps", c.save_steps, 0);
-    set_int("save_total_limit", c.save_total_limit, 0);
-    c.output_dir = resolve(base_dir, r.str("output_dir", node("output_dir")));
-    if (has("resume_from_checkpoint")) {
-        const std::string v = r.str("resume_from_checkpoint", node("resume_from_checkpoint"));
-        c.resume_from_checkpoint = v == "auto" ? v : resolve(base_dir, v);
-    }
-    set_int("num_threads", c.num_threads, 0);
     return c;
 }
 
 TrainConfig load(const std::string& path, const std::vector<std::string>& overrides) {
-    std::ifstream f(path);
+    const std::string what = printable(path, 4096);
+    std::error_code ec;
+    if (fs::is_directory(path, ec)) {
+        throw std::runtime_error(what + ": is a directory, not a config file");
+    }
+    std::ifstream f(path, std::ios::binary);
     if (!f) {
-        throw std::runtime_error(path + ": cannot open the config file");
+        throw std::runtime_error(what + ": cannot open the config file (" + std::strerror(errno) + ")");
     }
-    std::stringstream s;
-    s << f.rdbuf();
-    const std::string dir = fs::absolute(fs::path(path)).parent_path().string();
-    return parse(s.str(), path, dir, overrides);
-}
-
-namespace {
-
-std::string num(double v) {
-    char buf[64];
-    std::snprintf(buf, sizeof(buf), "%.17g", v);
-    return buf;
-}
-
-std::string quoted(const std::string& s) {
-    YAML::Emitter e;
-    e << YAML::DoubleQuoted << s;
-    return e.c_str();
-}
-
-std::string list(const std::vector<std::string>& v) {
-    std::string s = "[";
-    for (size_t i = 0; i < v.size(); ++i) {
-        s += (i ? ", " : "") + v[i];
+    std::string text(kMaxConfigBytes + 1, '\0'); // bounded read, also for a pipe
+    f.read(text.data(), static_cast<std::streamsize>(text.size()));
+    text.resize(static_cast<size_t>(f.gcount()));
+    if (text.size() > kMaxConfigBytes) {
+        throw std::runtime_error(
+            what + ": more than " + std::to_string(kMaxConfigBytes) + " bytes; a config is at most that"
+        );
     }
-    return s + "]";
+    return parse(text, path, fs::absolute(fs::path(path)).parent_path().string(), overrides);
 }
 
-} // namespace
+// --------------------------------------------------------------------------------------------------------------
+// Writing
+
+std::string to_yaml(const TrainConfig& c) {
+    std::string y = "# The resolved configuration of this run (every key, absolute paths), written by qlora train.\n";
+    for (const Key& k : keys()) {
+        y += std::string(k.name) + ": " + k.yaml(c) + "\n";
+    }
+    return y;
+}
 
 std::vector<std::pair<std::string, std::string>> run_affecting(const TrainConfig& c) {
-    std::string ds;
-    for (const auto& d : c.datasets) {
-        ds += (ds.empty() ? "" : ", ") + d.path + " (" + d.type + ")";
+    std::vector<std::pair<std::string, std::string>> out;
+    for (const Key& k : keys()) {
+        if (k.affects_run) {
+            out.emplace_back(k.name, k.yaml(c));
+        }
     }
-    return {
-        {"base_model", c.base_model},
-        {"tokenizer", c.tokenizer},
-        {"adapter", c.adapter},
-        {"load_in_4bit", c.load_in_4bit ? "true" : "false"},
-        {"lora_r", std::to_string(c.lora_r)},
-        {"lora_alpha", num(c.lora_alpha)},
-        {"lora_dropout", num(c.lora_dropout)},
-        {"lora_target_modules", list(c.lora_target_modules)},
-        {"peft_use_rslora", c.peft_use_rslora ? "true" : "false"},
-        {"lora_model_dir", c.lora_model_dir},
-        {"datasets", ds},
-        {"val_set_size", num(c.val_set_size)},
-        {"shuffle_merged_datasets", c.shuffle_merged_datasets ? "true" : "false"},
-        {"sequence_len", std::to_string(c.sequence_len)},
-        {"sample_packing", c.sample_packing ? "true" : "false"},
-        {"micro_batch_size", std::to_string(c.micro_batch_size)},
-        {"gradient_accumulation_steps", std::to_string(c.gradient_accumulation_steps)},
-        {"num_epochs", num(c.num_epochs)},
-        {"max_steps", std::to_string(c.max_steps)},
-        {"optimizer", c.optimizer},
-        {"adam_beta1", num(c.adam_beta1)},
-        {"adam_beta2", num(c.adam_beta2)},
-        {"adam_epsilon", num(c.adam_epsilon)},
-        {"lr_scheduler", c.lr_scheduler},
-        {"learning_rate", num(c.learning_rate)},
-        {"warmup_steps", std::to_string(c.warmup_steps)},
-        {"warmup_ratio", num(c.warmup_ratio)},
-        {"weight_decay", num(c.weight_decay)},
-        {"max_grad_norm", num(c.max_grad_norm)},
-        {"gradient_checkpointing", c.gradient_checkpointing ? "true" : "false"},
-        {"bf16", c.bf16 ? "true" : "false"},
-        {"train_on_inputs", c.train_on_inputs ? "true" : "false"},
-        {"seed", std::to_string(c.seed)},
-    };
+    return out;
 }
 
 std::string fingerprint(const TrainConfig& c) {
-    uint64_t h = 0xcbf29ce484222325ull;
-    for (const auto& [k, v] : run_affecting(c)) {
-        for (const std::string& s : {k, std::string("="), v, std::string("\n")}) {
-            for (const unsigned char ch : s) {
-                h = (h ^ ch) * 0x100000001b3ull;
-            }
+    uint64_t h = 0xcbf29ce484222325ull; // FNV-1a 64 over "key=value\n" lines
+    const auto add = [&h](const std::string& s) {
+        for (const unsigned char ch : s) {
+            h = (h ^ ch) * 0x100000001b3ull;
         }
+    };
+    for (const auto& [k, v] : run_affecting(c)) {
+        add(k + "=" + v + "\n");
     }
     char buf[17];
     std::snprintf(buf, sizeof(buf), "%016llx", static_cast<unsigned long long>(h));
     return buf;
-}
-
-std::string to_yaml(const TrainConfig& c) {
-    std::string y = "# the resolved configuration of this run (written by qlora train)\n";
-    const auto kv = [&](const std::string& k, const std::string& v) {
-        y += k + ": " + v + "\n";
-    };
-    const auto b = [](bool v) {
-        return std::string(v ? "true" : "false");
-    };
-    kv("base_model", quoted(c.base_model));
-    kv("tokenizer", quoted(c.tokenizer));
-    kv("adapter", c.adapter);
-    kv("load_in_4bit", b(c.load_in_4bit));
-    kv("lora_r", std::to_string(c.lora_r));
-    kv("lora_alpha", num(c.lora_alpha));
-    kv("lora_dropout", num(c.lora_dropout));
-    kv("lora_target_modules", list(c.lora_target_modules));
-    kv("lora_target_linear", b(c.lora_target_linear));
-    kv("peft_use_rslora", b(c.peft_use_rslora));
-    if (!c.lora_model_dir.empty()) {
-        kv("lora_model_dir", quoted(c.lora_model_dir));
-    }
-    y += "datasets:\n";
-    for (const auto& d : c.datasets) {
-        y += "  - path: " + quoted(d.path) + "\n    type: " + d.type + "\n";
-    }
-    kv("val_set_size", num(c.val_set_size));
-    kv("shuffle_merged_datasets", b(c.shuffle_merged_datasets));
-    kv("sequence_len", std::to_string(c.sequence_len));
-    kv("sample_packing", b(c.sample_packing));
-    kv("micro_batch_size", std::to_string(c.micro_batch_size));
-    kv("gradient_accumulation_steps", std::to_string(c.gradient_accumulation_steps));
-    kv("num_epochs", num(c.num_epochs));
-    kv("max_steps", std::to_string(c.max_steps));
-    kv("optimizer", c.optimizer);
-    kv("adam_beta1", num(c.adam_beta1));
-    kv("adam_beta2", num(c.adam_beta2));
-    kv("adam_epsilon", num(c.adam_epsilon));
-    kv("lr_scheduler", c.lr_scheduler);
-    kv("learning_rate", num(c.learning_rate));
-    if (c.warmup_ratio > 0) {
-        kv("warmup_ratio", num(c.warmup_ratio));
-    } else {
-        kv("warmup_steps", std::to_string(c.warmup_steps));
-    }
-    kv("weight_decay", num(c.weight_decay));
-    kv("max_grad_norm", num(c.max_grad_norm));
-    kv("gradient_checkpointing", b(c.gradient_checkpointing));
-    kv("bf16", b(c.bf16));
-    kv("train_on_inputs", b(c.train_on_inputs));
-    kv("seed", std::to_string(c.seed));
-    kv("logging_steps", std::to_string(c.logging_steps));
-    kv("eval_steps", std::to_string(c.eval_steps));
-    kv("save_steps", std::to_string(c.save_steps));
-    kv("save_total_limit", std::to_string(c.save_total_limit));
-    kv("output_dir", quoted(c.output_dir));
-    if (!c.resume_from_checkpoint.empty()) {
-        kv("resume_from_checkpoint", quoted(c.resume_from_checkpoint));
-    }
-    kv("num_threads", std::to_string(c.num_threads));
-    return y;
 }
 
 } // namespace qlora::config
