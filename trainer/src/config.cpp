@@ -31,13 +31,18 @@ const std::vector<std::string> kDatasetKeys = {"path", "type"};
 // --------------------------------------------------------------------------------------------------------------
 // Messages: one line, user text escaped and shortened
 
-std::string printable(const std::string& s, size_t max = 80) {
+// `s` with newlines, tabs and control bytes escaped (and `"` and backslash too when `quotes`), cut at `max` bytes
+// with "...". Shared by error messages and the canonical YAML.
+std::string escaped(const std::string& s, bool quotes, size_t max) {
     std::string out;
     for (const unsigned char ch : s) {
         if (out.size() >= max) {
             return out + "...";
         }
-        if (ch == '\n') {
+        if (quotes && (ch == '"' || ch == '\\')) {
+            out += '\\';
+            out += static_cast<char>(ch);
+        } else if (ch == '\n') {
             out += "\\n";
         } else if (ch == '\t') {
             out += "\\t";
@@ -50,6 +55,10 @@ std::string printable(const std::string& s, size_t max = 80) {
         }
     }
     return out;
+}
+
+std::string printable(const std::string& s, size_t max = 80) {
+    return escaped(s, false, max);
 }
 
 std::string shown(const YAML::Node& n) {
@@ -306,24 +315,10 @@ entries(const Source& src, const std::string& prefix, const YAML::Node& map, con
 // Canonical YAML of values
 
 std::string quote(const std::string& s) {
-    std::string out = "\"";
-    for (const unsigned char ch : s) {
-        if (ch == '"' || ch == '\\') {
-            out += '\\';
-            out += static_cast<char>(ch);
-        } else if (ch == '\n') {
-            out += "\\n";
-        } else if (ch == '\t') {
-            out += "\\t";
-        } else if (ch < 0x20 || ch == 0x7f) {
-            char buf[8];
-            std::snprintf(buf, sizeof(buf), "\\x%02x", ch);
-            out += buf;
-        } else {
-            out += static_cast<char>(ch);
-        }
-    }
-    return out + "\"";
+    std::string out(1, '"');
+    out.append(escaped(s, true, std::string::npos));
+    out.push_back('"');
+    return out;
 }
 
 std::string flow(const std::vector<std::string>& items) { // [a, b]
