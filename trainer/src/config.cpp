@@ -15,6 +15,7 @@
 #include <map>
 #include <set>
 #include <stdexcept>
+#include <type_traits>
 
 #include <yaml-cpp/yaml.h>
 
@@ -169,24 +170,28 @@ class Source {
     std::map<std::string, std::string> overrides_; // key path -> override text
 };
 
-bool to_int(const std::string& s, int64_t& v) {
+// The whole of `s` as a number (an optional leading '+' allowed; a double must be finite).
+template <typename T> bool parse_number(const std::string& s, T& v) {
     const char* b = s.data();
     const char* e = b + s.size();
     if (b != e && *b == '+') {
         ++b;
     }
     const auto [p, ec] = std::from_chars(b, e, v);
-    return b != e && ec == std::errc() && p == e;
+    if (b == e || ec != std::errc() || p != e) {
+        return false;
+    }
+    if constexpr (std::is_floating_point_v<T>) {
+        return std::isfinite(v);
+    }
+    return true;
 }
 
+bool to_int(const std::string& s, int64_t& v) {
+    return parse_number(s, v);
+}
 bool to_double(const std::string& s, double& v) {
-    const char* b = s.data();
-    const char* e = b + s.size();
-    if (b != e && *b == '+') {
-        ++b;
-    }
-    const auto [p, ec] = std::from_chars(b, e, v);
-    return b != e && ec == std::errc() && p == e && std::isfinite(v);
+    return parse_number(s, v);
 }
 
 std::string resolve(const std::string& base_dir, const std::string& p) {
