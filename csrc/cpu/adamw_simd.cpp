@@ -2,8 +2,10 @@
 #include "adamw_simd.h"
 
 #include <algorithm>
+#include <atomic>
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include "simd_x86.h"
@@ -108,10 +110,38 @@ QLORA_AVX512 inline __m512i lut_code_abs16(const Dynamic8Lut& lut, __m512i abits
     return _mm512_mask_add_epi32(r, up, r, _mm512_set1_epi32(1));
 }
 
+// Code of |y| by Note [Segment-affine nearest code] (dynamic8_lut.h): the binade and one compare with its boundary
+// index the run's affine map (permutes of 32-entry tables), and int(t), capped at the run's last code, is the code;
+// 16 values of which any lies within the margin of a decision point take the table lookup.
+QLORA_AVX512 inline __m512i affine_code_abs16(const Dynamic8Lut& lut, __m512i abits) {
+    const Dynamic8Affine& A = lut.affine;
+    const __m512 y = _mm512_castsi512_ps(abits);
+    __m512i e = _mm512_sub_epi32(_mm512_srli_epi32(abits, 23), _mm512_set1_epi32(Dynamic8Affine::kExponentBase));
+    e = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_setzero_si512()), _mm512_set1_epi32(Dynamic8Affine::kBinades - 1));
+    const __m512 boundary = _mm512_permutex2var_ps(_mm512_load_ps(A.boundary), e, _mm512_load_ps(A.boundary + 16));
+    e = _mm512_mask_add_epi32(e, _mm512_cmp_ps_mask(y, boundary, _CMP_GE_OQ), e, _mm512_set1_epi32(1));
+    const __m512 a = _mm512_permutex2var_ps(_mm512_load_ps(A.a), e, _mm512_load_ps(A.a + 16));
+    const __m512 b = _mm512_permutex2var_ps(_mm512_load_ps(A.b), e, _mm512_load_ps(A.b + 16));
+    const __m512i hi = _mm512_permutex2var_epi32(_mm512_load_si512(A.hi), e, _mm512_load_si512(A.hi + 16));
+    const __m512 t = _mm512_fmadd_ps(y, a, b);
+    const __m512i code = _mm512_min_epi32(_mm512_cvttps_epi32(t), hi);
+    const __m512 frac = _mm512_sub_ps(t, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    const __mmask16 near = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(Dynamic8Affine::kMargin), _CMP_LT_OQ);
+    if (__builtin_expect(near != 0, 0)) {
+        return lut_code_abs16(lut, abits);
+    }
+    return code;
+}
+
+// Code of |y|: the affine rule where the map has it, else the bucketed table.
+QLORA_AVX512 inline __m512i code_abs16(const Dynamic8Lut& lut, __m512i abits) {
+    return lut.has_affine ? affine_code_abs16(lut, abits) : lut_code_abs16(lut, abits);
+}
+
 // state1 codes of 16 first moments m (scaled: y = m · scale1), signed table, sign fix included.
 QLORA_AVX512 inline __m512i adamw8_encode_m16(const Dynamic8Lut& lut1, __m512 m, __m512 scale1) {
     const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(m, scale1));
-    const __m512i r = lut_code_abs16(lut1, _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)));
+    const __m512i r = code_abs16(lut1, _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)));
     const __m512i mirrored = _mm512_min_epi32(
         _mm512_max_epi32(_mm512_sub_epi32(_mm512_set1_epi32(254), r), _mm512_setzero_si512()), _mm512_set1_epi32(126)
     );
@@ -121,7 +151,7 @@ QLORA_AVX512 inline __m512i adamw8_encode_m16(const Dynamic8Lut& lut1, __m512 m,
 
 // state2 codes of 16 second moments v >= +0 (scaled: y = v · scale2), unsigned table.
 QLORA_AVX512 inline __m512i adamw8_encode_v16(const Dynamic8Lut& lut2, __m512 v, __m512 scale2) {
-    return lut_code_abs16(lut2, _mm512_castps_si512(_mm512_mul_ps(v, scale2)));
+    return code_abs16(lut2, _mm512_castps_si512(_mm512_mul_ps(v, scale2)));
 }
 
 // Encodes the multiple-of-16 prefix of x (see adamw8_encode_run); returns its length.
@@ -155,6 +185,63 @@ QLORA_AVX512 inline __m512 lookup256(const float* table, __m512i idx) {
     const __m512 t0 = _mm512_mask_mov_ps(s0, b6, s1);
     const __m512 t1 = _mm512_mask_mov_ps(s2, b6, s3);
     return _mm512_mask_mov_ps(t0, b7, t1);
+}
+
+// Note [Byte-plane decode]
+// map[q] for 64 codes at once with AVX-512 VBMI: byte k of every map entry forms a 256-byte plane (four registers),
+// and two 128-entry byte permutes plus a select on bit 7 look up 64 bytes of one plane. Interleaving the four planes'
+// bytes (unpack 8 then 16 bits) yields the floats, but the unpacks work inside 128-bit lanes: output register j gets,
+// from lane L, the four floats of byte positions 16L + 4j .. 16L + 4j + 3. Permuting the codes first so that
+// position 16L + 4j + r holds element 16j + 4L + r (a 4x4 transpose of 4-byte groups, its own inverse) puts elements
+// 16j .. 16j + 15 in register j in order. 22 instructions per 64 values against 60 for lookup256.
+alignas(64) constexpr uint8_t kPlaneOrder[64] = {
+    0,  1,  2,  3,  16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4,  5,  6,  7,  20, 21,
+    22, 23, 36, 37, 38, 39, 52, 53, 54, 55, 8,  9,  10, 11, 24, 25, 26, 27, 40, 41, 42, 43,
+    56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63,
+};
+
+QLORA_AVX512_VBMI inline void lookup256_bytes64(const uint8_t (&planes)[4][256], const uint8_t* codes, float* out) {
+    const __m512i idx = _mm512_permutexvar_epi8(_mm512_load_si512(kPlaneOrder), _mm512_loadu_si512(codes));
+    const __mmask64 top = _mm512_movepi8_mask(idx);
+    __m512i b[4];
+    for (int k = 0; k < 4; ++k) {
+        const __m512i lo =
+            _mm512_permutex2var_epi8(_mm512_load_si512(planes[k]), idx, _mm512_load_si512(planes[k] + 64));
+        const __m512i hi =
+            _mm512_permutex2var_epi8(_mm512_load_si512(planes[k] + 128), idx, _mm512_load_si512(planes[k] + 192));
+        b[k] = _mm512_mask_mov_epi8(lo, top, hi);
+    }
+    const __m512i w01lo = _mm512_unpacklo_epi8(b[0], b[1]);
+    const __m512i w01hi = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i w23lo = _mm512_unpacklo_epi8(b[2], b[3]);
+    const __m512i w23hi = _mm512_unpackhi_epi8(b[2], b[3]);
+    _mm512_store_si512(out, _mm512_unpacklo_epi16(w01lo, w23lo));
+    _mm512_store_si512(out + 16, _mm512_unpackhi_epi16(w01lo, w23lo));
+    _mm512_store_si512(out + 32, _mm512_unpacklo_epi16(w01hi, w23hi));
+    _mm512_store_si512(out + 48, _mm512_unpackhi_epi16(w01hi, w23hi));
+}
+
+// The map values of one block's codes (q1 into lut1's map, q2 into lut2's) into d1, d2 [256]. Not inlined: the
+// block kernel it serves is compiled without VBMI so that it also runs where VBMI is missing.
+__attribute__((noinline)) QLORA_AVX512_VBMI void adamw8_decode_block_vbmi(
+    const Dynamic8Lut& lut1, const Dynamic8Lut& lut2, const uint8_t* q1, const uint8_t* q2, float* d1, float* d2
+) {
+    for (int j = 0; j < kAdamw8BlockSize; j += 64) {
+        lookup256_bytes64(lut1.value_bytes, q1 + j, d1 + j);
+        lookup256_bytes64(lut2.value_bytes, q2 + j, d2 + j);
+    }
+}
+
+// The same without VBMI.
+QLORA_AVX512 inline void adamw8_decode_block_permute(
+    const float* qmap1, const float* qmap2, const uint8_t* q1, const uint8_t* q2, float* d1, float* d2
+) {
+    for (int j = 0; j < kAdamw8BlockSize; j += 16) {
+        const __m512i c1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q1 + j)));
+        const __m512i c2 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q2 + j)));
+        _mm512_store_ps(d1 + j, lookup256(qmap1, c1));
+        _mm512_store_ps(d2 + j, lookup256(qmap2, c2));
+    }
 }
 
 // Running max of |x| as unsigned integers: for non-negative floats the bit order is the value order and any NaN
@@ -192,8 +279,9 @@ constexpr int64_t kPrefetchBlocks = 2;
 
 // One full block of 256 elements; lut1 is the signed table, lut2 the unsigned one.
 template <typename T>
-QLORA_AVX512 void
-adamw8_block_avx512(const core::Adamw8Params<T>& P, const Dynamic8Lut& lut1, const Dynamic8Lut& lut2, int64_t b) {
+QLORA_AVX512 void adamw8_block_avx512(
+    const core::Adamw8Params<T>& P, const Dynamic8Lut& lut1, const Dynamic8Lut& lut2, bool vbmi, int64_t b
+) {
     const core::AdamwScalars& s = P.scalars;
     const int64_t s0 = b * kAdamw8BlockSize;
     constexpr int kVecs = kAdamw8BlockSize / 16;
@@ -211,6 +299,13 @@ adamw8_block_avx512(const core::Adamw8Params<T>& P, const Dynamic8Lut& lut1, con
     // Software prefetch of a block a few blocks ahead, one cache line of each stream per iteration.
     const int64_t ahead = s0 + kPrefetchBlocks * kAdamw8BlockSize;
     const bool prefetch = ahead + kAdamw8BlockSize <= P.n;
+    alignas(64) float d1[kAdamw8BlockSize]; // qmap1[state1], qmap2[state2]
+    alignas(64) float d2[kAdamw8BlockSize];
+    if (vbmi) {
+        adamw8_decode_block_vbmi(lut1, lut2, P.state1 + s0, P.state2 + s0, d1, d2);
+    } else {
+        adamw8_decode_block_permute(P.qmap1, P.qmap2, P.state1 + s0, P.state2 + s0, d1, d2);
+    }
     for (int j = 0; j < kVecs; ++j) {
         const int64_t i = s0 + 16 * j;
         if (prefetch) {
@@ -222,10 +317,8 @@ adamw8_block_avx512(const core::Adamw8Params<T>& P, const Dynamic8Lut& lut1, con
             }
         }
         const __m512 g = simd::load16(P.grad + i);
-        const __m512i q1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.state1 + i)));
-        const __m512i q2 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(P.state2 + i)));
-        const __m512 m_old = _mm512_mul_ps(lookup256(P.qmap1, q1), a1_old);
-        const __m512 v_old = _mm512_mul_ps(lookup256(P.qmap2, q2), a2_old);
+        const __m512 m_old = _mm512_mul_ps(_mm512_load_ps(d1 + 16 * j), a1_old);
+        const __m512 v_old = _mm512_mul_ps(_mm512_load_ps(d2 + 16 * j), a2_old);
         const __mmask16 ok = finite16(g);
         const __m512 mj =
             _mm512_maskz_mov_ps(ok, _mm512_add_ps(_mm512_mul_ps(m_old, beta1), _mm512_mul_ps(one_minus_beta1, g)));
@@ -464,7 +557,21 @@ template <typename T> QLORA_AVX2 void adamw32_range_avx2(const core::Adamw32Para
 
 #endif
 
+std::atomic<bool>& vbmi_decode_flag() {
+    static std::atomic<bool> flag{cpu_has_avx512_vbmi()};
+    return flag;
+}
+
 } // namespace
+
+bool adamw8_vbmi_decode() {
+    return vbmi_decode_flag().load(std::memory_order_relaxed);
+}
+
+void set_adamw8_vbmi_decode(bool enabled) {
+    TORCH_CHECK(!enabled || cpu_has_avx512_vbmi(), "set_adamw8_vbmi_decode: this CPU has no AVX-512 VBMI");
+    vbmi_decode_flag().store(enabled, std::memory_order_relaxed);
+}
 
 template <typename T>
 void adamw8_blocks(
@@ -474,10 +581,11 @@ void adamw8_blocks(
 #if defined(QLORA_X86)
     if (isa != CpuIsa::kScalar && lut1 != nullptr && lut2 != nullptr && lut1->is_signed && !lut2->is_signed) {
         const int64_t full_blocks = params.n / kAdamw8BlockSize;
+        const bool vbmi = adamw8_vbmi_decode();
         int64_t b = b0;
         for (; b < std::min(b1, full_blocks); ++b) {
             if (isa == CpuIsa::kAvx512) {
-                adamw8_block_avx512(params, *lut1, *lut2, b);
+                adamw8_block_avx512(params, *lut1, *lut2, vbmi, b);
             } else {
                 adamw8_block_avx2(params, *lut1, *lut2, b);
             }

@@ -2,9 +2,10 @@
 // over threads), scalar, AVX2 and AVX-512.
 //
 // The scalar kernels compose csrc/core/adamw.h element by element and are the reference. The AVX-512 8-bit kernel
-// does the same float32 operations in the same order on 16 lanes, decodes states with gathers and encodes them with
-// the bucketed lookup of dynamic8_lut.h instead of the binary search; the AVX2 kernels are the same on 8 lanes (gathers
-// for the decode too). Tests require identical bytes from all three.
+// does the same float32 operations in the same order on 16 lanes; it decodes states with VBMI byte permutes (Note
+// [Byte-plane decode]) or, without VBMI, float permutes, and encodes them with the segment-affine rule of
+// dynamic8_lut.h (Note [Segment-affine nearest code]) or its bucketed lookup, instead of the binary search. The AVX2
+// kernels are the same on 8 lanes with gathers for both. Tests require identical bytes from all of them.
 #pragma once
 
 #include <cstdint>
@@ -31,5 +32,11 @@ template <typename T> void adamw32_range(CpuIsa isa, const core::Adamw32Params<T
 // Preconditions of that path (Note [AdamW8 AVX-512 encoding]): scale > 0 and finite, every |x[i] · scale| finite,
 // x[i] >= +0 for an unsigned table.
 void adamw8_encode_run(CpuIsa isa, const Dynamic8Lut& lut, const float* x, float scale, int64_t n, uint8_t* q);
+
+// Whether the AVX-512 8-bit kernel decodes states with VBMI byte permutes (Note [Byte-plane decode]); on by default
+// where the CPU has VBMI. Tests turn it off to run the VBMI-free decode on the same machine; enabling it on a CPU
+// without VBMI throws.
+bool adamw8_vbmi_decode();
+void set_adamw8_vbmi_decode(bool enabled);
 
 } // namespace qlora::cpu

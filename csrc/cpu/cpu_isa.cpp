@@ -60,6 +60,18 @@ void set_cpu_isa(CpuIsa isa) {
     active().store(static_cast<int>(isa), std::memory_order_relaxed);
 }
 
+bool cpu_has_avx512_vbmi() {
+#if defined(__x86_64__) || defined(__i386__)
+    static const bool has = [] {
+        __builtin_cpu_init();
+        return cpu_isa_supported() == CpuIsa::kAvx512 && __builtin_cpu_supports("avx512vbmi");
+    }();
+    return has;
+#else
+    return false;
+#endif
+}
+
 const char* cpu_isa_name(CpuIsa isa) {
     switch (isa) {
     case CpuIsa::kAvx512:

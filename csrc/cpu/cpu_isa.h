@@ -19,6 +19,9 @@ CpuIsa cpu_isa();
 // Lowers (or restores) the ISA; throws c10::Error if the CPU does not support it.
 void set_cpu_isa(CpuIsa isa);
 
+// Whether the CPU has AVX-512 VBMI (used inside the kAvx512 kernels where it helps, with a VBMI-free twin).
+bool cpu_has_avx512_vbmi();
+
 const char* cpu_isa_name(CpuIsa isa);
 // Parses "scalar", "avx2" or "avx512"; throws c10::Error naming `what` otherwise.
 CpuIsa cpu_isa_from_name(const std::string& name, const char* what);

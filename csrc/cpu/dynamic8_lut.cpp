@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <deque>
 #include <limits>
@@ -13,6 +14,109 @@
 
 namespace qlora::cpu {
 namespace {
+
+// Note [Segment-affine nearest code]: fills lut->affine for the non-negative half of `map` (codes first..255) and
+// returns whether the map has the structure the note relies on, each fact checked here.
+bool build_affine(const float* map, int first, Dynamic8Affine* A) {
+    const auto midpoint = [&](int c) {
+        return core::fmul_rn(core::fadd_rn(map[c], map[c + 1]), 0.5f);
+    };
+    const auto gap = [&](int c) {
+        return static_cast<double>(map[c + 1]) - static_cast<double>(map[c]);
+    };
+    // Runs of equally spaced codes, found from the top: a code starts a run downward when the two gaps below it are
+    // equal (to 0.1 %), and stands alone otherwise (a run of two codes is ambiguous: which of its neighbours' runs
+    // would it belong to?), except that the lowest two codes always form one run.
+    const auto same = [](double x, double y) {
+        return std::fabs(x - y) <= 1e-3 * y;
+    };
+    int lo[16];
+    int hi[16];
+    int runs = 0;
+    for (int c = 255; c >= first; ++runs) {
+        if (runs == 16) {
+            return false;
+        }
+        int s = c;
+        if (c == first + 1) {
+            s = first;
+        } else if (c >= first + 2 && same(gap(c - 1), gap(c - 2))) {
+            s = c - 2;
+            while (s > first && same(gap(s - 1), gap(c - 1))) {
+                --s;
+            }
+        }
+        if (c > first && !(gap(c - 1) > 0.0)) {
+            return false;
+        }
+        lo[runs] = s;
+        hi[runs] = c;
+        c = s - 1;
+    }
+    std::reverse(lo, lo + runs);
+    std::reverse(hi, hi + runs);
+    double run_a[16];
+    double run_b[16];
+    for (int r = 0; r < runs; ++r) {
+        run_a[r] = static_cast<float>(hi[r] > lo[r] ? 1.0 / gap(lo[r]) : 0.0);
+        run_b[r] = static_cast<float>(lo[r] + 0.5 - static_cast<double>(map[lo[r]]) * run_a[r]);
+        for (int k = lo[r]; k < hi[r]; ++k) {
+            const double t = static_cast<double>(midpoint(k)) * run_a[r] + run_b[r];
+            if (!(std::fabs(t - (k + 1)) <= 0.5 * Dynamic8Affine::kMargin)) {
+                return false;
+            }
+        }
+    }
+    // Run boundaries as "y >= boundary" thresholds, the tie going to the even code like the search's final pivot.
+    float boundary[16];
+    for (int r = 0; r + 1 < runs; ++r) {
+        const int c = hi[r];
+        const float mid = midpoint(c);
+        const float up = (c & 1) != 0 ? mid : std::nextafter(mid, std::numeric_limits<float>::infinity());
+        if (core::dynamic8_encode(map, up) != c + 1 || core::dynamic8_encode(map, std::nextafter(up, 0.0f)) != c) {
+            return false;
+        }
+        boundary[r] = up;
+    }
+    // No lower clamp: t at the lowest value of each run (0, or the boundary below it) is above lo.
+    for (int r = 0; r < runs; ++r) {
+        const double y = r == 0 ? 0.0 : static_cast<double>(boundary[r - 1]);
+        if (!(y * run_a[r] + run_b[r] >= lo[r] + 0.5 * Dynamic8Affine::kMargin)) {
+            return false;
+        }
+    }
+    int run_of[Dynamic8Affine::kBinades + 1]; // run of each binade's lowest value
+    for (int e = 0; e < Dynamic8Affine::kBinades; ++e) {
+        const uint32_t exponent = Dynamic8Affine::kExponentBase + static_cast<uint32_t>(e);
+        const float bottom = e == 0 ? 0.0f : core::float_from_bits(exponent << 23);
+        const float top = e == Dynamic8Affine::kBinades - 1 ? std::numeric_limits<float>::infinity()
+                                                            : core::float_from_bits((exponent + 1) << 23);
+        int r = 0;
+        while (r + 1 < runs && boundary[r] <= bottom) {
+            ++r;
+        }
+        run_of[e] = r;
+        A->boundary[e] = std::numeric_limits<float>::infinity();
+        if (r + 1 < runs && boundary[r] < top) {
+            if (r + 2 < runs && boundary[r + 1] < top) {
+                return false; // two boundaries in one binade
+            }
+            A->boundary[e] = boundary[r];
+        }
+    }
+    for (int e = 0; e < Dynamic8Affine::kBinades; ++e) {
+        // Above a boundary the tables continue at e + 1, which must start in the run above it.
+        if (A->boundary[e] != std::numeric_limits<float>::infinity() &&
+            (e + 1 == Dynamic8Affine::kBinades || run_of[e + 1] != run_of[e] + 1)) {
+            return false;
+        }
+        const int r = run_of[e];
+        A->a[e] = static_cast<float>(run_a[r]);
+        A->b[e] = static_cast<float>(run_b[r]);
+        A->hi[e] = hi[r];
+    }
+    return true;
+}
 
 std::shared_ptr<Dynamic8Lut> build(const float* map, bool is_signed) {
     if (is_signed) {
@@ -55,6 +159,12 @@ std::shared_ptr<Dynamic8Lut> build(const float* map, bool is_signed) {
         }
         lut->entry[k] = static_cast<uint32_t>(c) << 16 | t;
     }
+    for (int c = 0; c < 256; ++c) {
+        for (int k = 0; k < 4; ++k) {
+            lut->value_bytes[k][c] = static_cast<uint8_t>(core::bits_from_float(map[c]) >> (8 * k));
+        }
+    }
+    lut->has_affine = build_affine(map, lowest_code, &lut->affine);
     return lut;
 }
 

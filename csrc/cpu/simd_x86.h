@@ -19,6 +19,8 @@
 #define QLORA_X86 1
 #define QLORA_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,fma,f16c")))
 #define QLORA_AVX2 __attribute__((target("avx2,fma,f16c")))
+// AVX-512 plus VBMI (byte permutes across a whole register): Ice Lake and Zen 4 on; check cpu_has_avx512_vbmi().
+#define QLORA_AVX512_VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,fma,f16c")))
 
 namespace qlora::cpu::simd {
 

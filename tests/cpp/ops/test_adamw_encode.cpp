@@ -2,8 +2,10 @@
 // state encoders built on it (csrc/cpu/adamw_simd.h) against bitsandbytes' binary search (core::dynamic8_encode), on
 // the values where a lookup can go wrong: every decision point of both maps and its float neighbours, every bucket
 // boundary, the map entries themselves, and random values over the whole range.
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <random>
 #include <vector>
 
@@ -89,6 +91,29 @@ TEST(Dynamic8LutTest, OtherMapsAreBuiltOrRefused) {
     for (float y : probes(map)) {
         ASSERT_EQ(qlora::cpu::dynamic8_lut_encode(*lut, y), qlora::core::dynamic8_encode(map.data(), y)) << y;
     }
+    EXPECT_TRUE(lut->has_affine); // one ulp keeps every decision point well inside the affine margin
+    // A map whose runs are not evenly spaced keeps its table but loses the affine encoder, and still encodes right.
+    std::vector<float> uneven = canonical_map(false);
+    uneven[200] += 0.25f * (uneven[201] - uneven[200]);
+    const auto uneven_lut = qlora::cpu::dynamic8_lut(uneven.data(), false);
+    ASSERT_NE(uneven_lut, nullptr);
+    EXPECT_FALSE(uneven_lut->has_affine);
+    for (qlora::cpu::CpuIsa isa : {qlora::cpu::CpuIsa::kAvx2, qlora::cpu::CpuIsa::kAvx512}) {
+        if (static_cast<int>(isa) > static_cast<int>(qlora::cpu::cpu_isa_supported())) {
+            continue;
+        }
+        std::vector<float> x;
+        for (float y : probes(uneven)) {
+            if (std::isfinite(y) && y <= 1.0f) {
+                x.push_back(y);
+            }
+        }
+        std::vector<uint8_t> q(x.size());
+        qlora::cpu::adamw8_encode_run(isa, *uneven_lut, x.data(), 1.0f, static_cast<int64_t>(x.size()), q.data());
+        for (size_t i = 0; i < x.size(); ++i) {
+            ASSERT_EQ(q[i], qlora::core::adamw8_encode_v(uneven.data(), x[i], 1.0f)) << x[i];
+        }
+    }
     std::vector<float> lopsided = canonical_map(true);
     lopsided[10] = float_from_bits(bits_from_float(lopsided[10]) + 1u);
     EXPECT_EQ(qlora::cpu::dynamic8_lut(lopsided.data(), true), nullptr);
@@ -129,6 +154,118 @@ TEST(Dynamic8LutTest, AdamwEncodersEqualCoreOnEveryIsa) {
                 }
             }
         }
+    }
+}
+
+// Note [Segment-affine nearest code] on every float32 value in [0, 1] (and 64 above): the AVX-512 encoder with the
+// affine rule gives the same codes as with the bucketed table alone, which the tests above hold to the search.
+TEST(Dynamic8LutTest, AffineEncoderEqualsTableOnEveryFloatUpToOne) {
+    if (qlora::cpu::cpu_isa_supported() != qlora::cpu::CpuIsa::kAvx512) {
+        GTEST_SKIP() << "no AVX-512 on this CPU (the affine encoder is AVX-512 only)";
+    }
+    for (bool is_signed : {true, false}) {
+        const std::vector<float> map = canonical_map(is_signed);
+        const auto lut = qlora::cpu::dynamic8_lut(map.data(), is_signed);
+        ASSERT_NE(lut, nullptr);
+        ASSERT_TRUE(lut->has_affine) << "canonical map without the affine encoder, signed=" << is_signed;
+        auto table_only = std::make_unique<qlora::cpu::Dynamic8Lut>(*lut);
+        table_only->has_affine = false;
+        constexpr uint32_t kChunk = 1u << 20;
+        const uint32_t last = bits_from_float(1.0f) + 64u;
+        std::vector<float> x(kChunk);
+        std::vector<uint8_t> got(kChunk);
+        std::vector<uint8_t> want(kChunk);
+        for (uint32_t u0 = 0; u0 <= last; u0 += kChunk) {
+            const uint32_t n = std::min(kChunk, last + 1 - u0);
+            for (uint32_t k = 0; k < n; ++k) {
+                x[k] = float_from_bits(u0 + k);
+            }
+            const auto isa = qlora::cpu::CpuIsa::kAvx512;
+            qlora::cpu::adamw8_encode_run(isa, *lut, x.data(), 1.0f, n, got.data());
+            qlora::cpu::adamw8_encode_run(isa, *table_only, x.data(), 1.0f, n, want.data());
+            const auto diff = std::mismatch(got.begin(), got.begin() + n, want.begin());
+            ASSERT_TRUE(diff.first == got.begin() + n)
+                << "signed=" << is_signed << " bits=" << std::hex << (u0 + (diff.first - got.begin()))
+                << " affine code " << std::dec << int{*diff.first} << ", table code " << int{*diff.second};
+        }
+    }
+}
+
+// The AVX-512 block kernel decodes the states with VBMI byte permutes where the CPU has them and with float permutes
+// otherwise, and encodes with or without the affine rule: all four give the scalar kernel's bytes over 8 steps.
+TEST(Dynamic8LutTest, AdamwBlocksEqualScalarWithEveryDecodeAndEncode) {
+    using qlora::cpu::CpuIsa;
+    if (qlora::cpu::cpu_isa_supported() != CpuIsa::kAvx512) {
+        GTEST_SKIP() << "no AVX-512 on this CPU";
+    }
+    const int64_t n = 40 * 256 + 77; // a tail block too
+    const int64_t blocks = (n + 255) / 256;
+    const std::vector<float> qmap1 = canonical_map(true);
+    const std::vector<float> qmap2 = canonical_map(false);
+    const auto lut1 = qlora::cpu::dynamic8_lut(qmap1.data(), true);
+    const auto lut2 = qlora::cpu::dynamic8_lut(qmap2.data(), false);
+    ASSERT_TRUE(lut1 && lut2 && lut1->has_affine && lut2->has_affine);
+    struct State {
+        std::vector<float> p, g, a1, a2;
+        std::vector<uint8_t> s1, s2;
+    };
+    std::mt19937 rng(11);
+    std::normal_distribution<float> normal;
+    State init;
+    init.p.resize(n);
+    init.s1.assign(n, 127);
+    init.s2.assign(n, 0);
+    init.a1.assign(blocks, 0.0f);
+    init.a2.assign(blocks, 0.0f);
+    for (float& v : init.p) {
+        v = normal(rng);
+    }
+    std::vector<std::vector<float>> grads(8, std::vector<float>(n));
+    for (auto& g : grads) {
+        for (int64_t i = 0; i < n; ++i) {
+            g[i] = normal(rng) * std::pow(10.0f, static_cast<float>(i % 7) - 4.0f); // a wide spread of magnitudes
+        }
+    }
+    const bool has_vbmi = qlora::cpu::cpu_has_avx512_vbmi();
+    const auto run = [&](CpuIsa isa, bool vbmi, bool affine) {
+        State st = init;
+        auto l1 = std::make_unique<qlora::cpu::Dynamic8Lut>(*lut1);
+        auto l2 = std::make_unique<qlora::cpu::Dynamic8Lut>(*lut2);
+        l1->has_affine = l2->has_affine = affine;
+        qlora::cpu::set_adamw8_vbmi_decode(vbmi);
+        for (int step = 1; step <= 8; ++step) {
+            const qlora::core::Adamw8Params<float> P{
+                st.p.data(),
+                grads[step - 1].data(),
+                st.s1.data(),
+                st.s2.data(),
+                st.a1.data(),
+                st.a2.data(),
+                qmap1.data(),
+                qmap2.data(),
+                n,
+                qlora::core::adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, step)};
+            qlora::cpu::adamw8_blocks(isa, P, l1.get(), l2.get(), 0, blocks);
+        }
+        qlora::cpu::set_adamw8_vbmi_decode(has_vbmi);
+        return st;
+    };
+    const State want = run(CpuIsa::kScalar, false, false);
+    for (bool vbmi : {false, true}) {
+        if (vbmi && !has_vbmi) {
+            continue; // reported below
+        }
+        for (bool affine : {false, true}) {
+            const State got = run(CpuIsa::kAvx512, vbmi, affine);
+            EXPECT_EQ(got.s1, want.s1) << "vbmi=" << vbmi << " affine=" << affine;
+            EXPECT_EQ(got.s2, want.s2) << "vbmi=" << vbmi << " affine=" << affine;
+            EXPECT_EQ(got.a1, want.a1) << "vbmi=" << vbmi << " affine=" << affine;
+            EXPECT_EQ(got.a2, want.a2) << "vbmi=" << vbmi << " affine=" << affine;
+            EXPECT_EQ(got.p, want.p) << "vbmi=" << vbmi << " affine=" << affine;
+        }
+    }
+    if (!has_vbmi) {
+        GTEST_SKIP() << "no AVX-512 VBMI on this CPU: the byte-plane decode did not run (the other three did)";
     }
 }
 
