@@ -205,9 +205,8 @@ Example format_line(
                 string_field(msgs[i], "content", true, true, at + ": message " + std::to_string(i));
             const std::string reply =
                 string_field(msgs[i + 1], "content", true, true, at + ": message " + std::to_string(i + 1));
-            const std::string sys_block = first && !system.empty() ? "<<SYS>>\n" + system + "\n<</SYS>>\n\n" : "";
             b.add(tok.bos_id(), inputs);
-            b.add(tok.encode("[INST] " + sys_block + user + " [/INST]"), inputs);
+            b.add(tok.encode(chat_user_text(system, user, first)), inputs);
             b.add(tok.encode(" " + reply), true);
             b.add(tok.eos_id(), true);
             first = false;
@@ -219,6 +218,32 @@ Example format_line(
 }
 
 } // namespace
+
+std::string chat_user_text(const std::string& system, const std::string& user, bool first_turn) {
+    const std::string sys_block = first_turn && !system.empty() ? "<<SYS>>\n" + system + "\n<</SYS>>\n\n" : "";
+    return "[INST] " + sys_block + user + " [/INST]";
+}
+
+std::vector<int64_t> chat_prompt_ids(
+    const Tokenizer& tok, const std::string& system, const std::vector<std::pair<std::string, std::string>>& turns,
+    const std::string& next_user
+) {
+    std::vector<int64_t> ids;
+    const auto add = [&](const std::vector<int32_t>& v) {
+        ids.insert(ids.end(), v.begin(), v.end());
+    };
+    bool first = true;
+    for (const auto& [user, reply] : turns) {
+        ids.push_back(tok.bos_id());
+        add(tok.encode(chat_user_text(system, user, first)));
+        add(tok.encode(" " + reply));
+        ids.push_back(tok.eos_id());
+        first = false;
+    }
+    ids.push_back(tok.bos_id());
+    add(tok.encode(chat_user_text(system, next_user, first)));
+    return ids;
+}
 
 std::vector<Example> load_jsonl(
     const std::string& path, Format format, const Tokenizer& tok, const FormatOptions& opt, DatasetStats* stats

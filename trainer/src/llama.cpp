@@ -38,6 +38,13 @@ ProjectionImpl::ProjectionImpl(int64_t in_f, int64_t out_f, bool has_bias, Init 
 
 torch::Tensor ProjectionImpl::forward(const torch::Tensor& x) {
     const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
+    if (!has_lora() && swapped_a.defined()) {
+        const at::Tensor a = swapped_a.to(x.scalar_type()), bb = swapped_b.to(x.scalar_type());
+        if (!quantized()) {
+            return at::linear(x, weight, b) + at::linear(at::linear(x, a), bb) * swapped_scale;
+        }
+        return qlora::linear(x, nf4, b, a, bb, swapped_scale);
+    }
     if (!has_lora()) {
         return quantized() ? qlora::linear(x, nf4, b) : at::linear(x, weight, b);
     }
@@ -80,6 +87,24 @@ void ProjectionImpl::add_lora(const LoraSpec& spec) {
     lora_scale = spec.use_rslora ? spec.lora_alpha / std::sqrt(static_cast<double>(spec.r))
                                  : spec.lora_alpha / static_cast<double>(spec.r);
     lora_dropout = spec.lora_dropout;
+}
+
+void ProjectionImpl::set_swapped_lora(torch::Tensor a, torch::Tensor b, double scale) {
+    TORCH_CHECK(!has_lora(), "Projection::set_swapped_lora: the projection has LoRA parameters of its own");
+    TORCH_CHECK(
+        a.dim() == 2 && b.dim() == 2 && a.size(1) == in_features && b.size(0) == out_features && a.size(0) == b.size(1),
+        "Projection::set_swapped_lora: A ", a.sizes(), " and B ", b.sizes(), " do not fit a [", out_features, ", ",
+        in_features, "] projection"
+    );
+    swapped_a = std::move(a);
+    swapped_b = std::move(b);
+    swapped_scale = scale;
+}
+
+void ProjectionImpl::clear_swapped_lora() {
+    swapped_a = torch::Tensor();
+    swapped_b = torch::Tensor();
+    swapped_scale = 0.0;
 }
 
 RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
@@ -157,6 +182,39 @@ torch::Tensor AttentionImpl::forward(
     return o_proj(o.transpose(1, 2).reshape({B, T, heads * head_dim}));
 }
 
+torch::Tensor AttentionImpl::forward_cached(
+    const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_cache,
+    torch::Tensor& v_cache, int64_t past
+) {
+    const int64_t B = x.size(0), T = x.size(1), L = past + T;
+    TORCH_CHECK(L <= k_cache.size(2), "KVCache: ", L, " positions do not fit a cache of ", k_cache.size(2));
+    torch::Tensor q = q_proj(x).view({B, T, heads, head_dim}).transpose(1, 2);    // [B, H, T, D]
+    torch::Tensor k = k_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2); // [B, K, T, D]
+    torch::Tensor v = v_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2);
+    q = q * cos + rotate_half(q) * sin;
+    k = k * cos + rotate_half(k) * sin;
+    k_cache.narrow(2, past, T).copy_(k);
+    v_cache.narrow(2, past, T).copy_(v);
+    k = k_cache.narrow(2, 0, L);
+    v = v_cache.narrow(2, 0, L);
+    if (kv_heads != heads) {
+        k = k.repeat_interleave(heads / kv_heads, 1);
+        v = v.repeat_interleave(heads / kv_heads, 1);
+    }
+    // Query i (position past + i) sees keys 0 .. past + i: causal for a first chunk, everything for a single token,
+    // an explicit mask otherwise (SDPA's is_causal aligns the diagonal to the top left when T < L).
+    torch::Tensor o;
+    if (past == 0) {
+        o = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/true);
+    } else if (T == 1) {
+        o = at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/false);
+    } else {
+        const at::Tensor mask = at::ones({T, L}, at::kBool).tril(past);
+        o = at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false);
+    }
+    return o_proj(o.transpose(1, 2).reshape({B, T, heads * head_dim}));
+}
+
 MLPImpl::MLPImpl(const LlamaConfig& c, Init init) {
     gate_proj = register_module("gate_proj", Projection(c.hidden_size, c.intermediate_size, c.mlp_bias, init));
     up_proj = register_module("up_proj", Projection(c.hidden_size, c.intermediate_size, c.mlp_bias, init));
@@ -178,6 +236,14 @@ torch::Tensor DecoderLayerImpl::forward(
     const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask
 ) {
     const torch::Tensor h = x + self_attn(input_layernorm(x), cos, sin, mask);
+    return h + mlp(post_attention_layernorm(h));
+}
+
+torch::Tensor DecoderLayerImpl::forward_cached(
+    const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_cache,
+    torch::Tensor& v_cache, int64_t past
+) {
+    const torch::Tensor h = x + self_attn->forward_cached(input_layernorm(x), cos, sin, k_cache, v_cache, past);
     return h + mlp(post_attention_layernorm(h));
 }
 
@@ -324,6 +390,36 @@ LlamaModelImpl::forward(const torch::Tensor& ids, const torch::Tensor& position_
     return norm(x);
 }
 
+torch::Tensor LlamaModelImpl::forward_cached(const torch::Tensor& ids, KVCache& cache) {
+    TORCH_CHECK(ids.dim() == 2, "LlamaModel: ids must be [batch, tokens], got ", ids.sizes());
+    TORCH_CHECK(
+        cache.k.size() == layers->size() && cache.v.size() == layers->size(), "KVCache: made for ", cache.k.size(),
+        " layers, the model has ", layers->size()
+    );
+    torch::Tensor x = embed_tokens(ids);
+    const int64_t T = ids.size(1), past = cache.length;
+    const torch::Tensor freqs =
+        at::outer(at::arange(past, past + T, at::kLong).to(at::kFloat), inv_freq.to(x.device()));
+    const torch::Tensor emb = at::cat({freqs, freqs}, -1);
+    const torch::Tensor cos = (emb.cos() * attention_scaling).to(x.scalar_type());
+    const torch::Tensor sin = (emb.sin() * attention_scaling).to(x.scalar_type());
+    for (size_t i = 0; i < layers->size(); ++i) {
+        x = layers->ptr<DecoderLayerImpl>(i)->forward_cached(x, cos, sin, cache.k[i], cache.v[i], past);
+    }
+    cache.length = past + T;
+    return norm(x);
+}
+
+KVCache make_kv_cache(const LlamaForCausalLM& m, int64_t batch, int64_t capacity, at::ScalarType dtype) {
+    const LlamaConfig& c = m->model->config;
+    KVCache cache;
+    for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
+        cache.k.push_back(at::zeros({batch, c.num_key_value_heads, capacity, c.head_dim}, at::TensorOptions(dtype)));
+        cache.v.push_back(at::zeros({batch, c.num_key_value_heads, capacity, c.head_dim}, at::TensorOptions(dtype)));
+    }
+    return cache;
+}
+
 LlamaForCausalLMImpl::LlamaForCausalLMImpl(const LlamaConfig& c, Init init) {
     model = register_module("model", LlamaModel(c, init));
     if (!c.tie_word_embeddings) {
@@ -335,6 +431,11 @@ torch::Tensor LlamaForCausalLMImpl::forward(
     const torch::Tensor& ids, const torch::Tensor& position_ids, const torch::Tensor& segment_ids
 ) {
     const torch::Tensor h = model(ids, position_ids, segment_ids);
+    return lm_head ? lm_head(h) : at::linear(h, model->embed_tokens->weight);
+}
+
+torch::Tensor LlamaForCausalLMImpl::forward_cached(const torch::Tensor& ids, KVCache& cache) {
+    const torch::Tensor h = model->forward_cached(ids, cache);
     return lm_head ? lm_head(h) : at::linear(h, model->embed_tokens->weight);
 }
 
@@ -416,7 +517,7 @@ void save_adapter(const LlamaForCausalLM& m, const std::string& dir, const std::
     );
 }
 
-void load_adapter(LlamaForCausalLM& m, const std::string& dir, bool load_in_4bit) {
+LoraSpec read_adapter_config(const std::string& dir) {
     const std::string config_path = (std::filesystem::path(dir) / "adapter_config.json").string();
     const nlohmann::json j = qlora::trainer::read_json_file(config_path);
     const auto fail = [&](const std::string& msg) {
@@ -478,6 +579,15 @@ void load_adapter(LlamaForCausalLM& m, const std::string& dir, bool load_in_4bit
     if (j.contains("bias") && j["bias"] != "none") {
         fail("key 'bias' must be \"none\", got " + j["bias"].dump());
     }
+    return spec;
+}
+
+void load_adapter(LlamaForCausalLM& m, const std::string& dir, bool load_in_4bit) {
+    const std::string config_path = (std::filesystem::path(dir) / "adapter_config.json").string();
+    const auto fail = [&](const std::string& msg) {
+        throw std::runtime_error(config_path + ": " + msg);
+    };
+    LoraSpec spec = read_adapter_config(dir);
     if (!m->lora.has_value()) {
         spec.load_in_4bit = load_in_4bit;
         apply_qlora(m, spec);
@@ -583,7 +693,7 @@ LlamaForCausalLM load_model(const std::string& dir, const LoadOptions& opt) {
         }
     }
     stream_weights(m, ck, opt.dtype, opt.lora ? &*opt.lora : nullptr, targets);
-    if (opt.lora) {
+    if (opt.lora && opt.add_lora) {
         apply_qlora(m, *opt.lora);
     }
     return m;

@@ -23,6 +23,8 @@
 #include <string>
 #include <vector>
 
+#include <utility>
+
 #include <ATen/core/Tensor.h>
 
 namespace qlora::data {
@@ -53,6 +55,17 @@ Format parse_format(const std::string& name);
 
 // The Stanford Alpaca prompt for an instruction and an optional input (ends with "### Response:\n").
 std::string alpaca_prompt(const std::string& instruction, const std::string& input);
+
+// Llama 2 chat: the text of a user turn, "[INST] " + (on the first turn, with a system prompt) "<<SYS>>\n" + system +
+// "\n<</SYS>>\n\n" + user + " [/INST]". Training (format chat) and `qlora generate --chat` both use it.
+std::string chat_user_text(const std::string& system, const std::string& user, bool first_turn);
+
+// The prompt ids of a conversation so far: for each finished (user, reply) pair BOS + encode(chat_user_text) +
+// encode(" " + reply) + EOS, then BOS + encode(chat_user_text(next_user)), as the model was trained (format chat).
+std::vector<int64_t> chat_prompt_ids(
+    const Tokenizer& tok, const std::string& system, const std::vector<std::pair<std::string, std::string>>& turns,
+    const std::string& next_user
+);
 
 struct Example {
     std::vector<int32_t> input_ids;

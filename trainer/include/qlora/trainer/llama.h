@@ -57,14 +57,28 @@ class ProjectionImpl : public torch::nn::Module {
     void add_lora(const LoraSpec& spec);
     bool quantized() const { return nf4.packed.defined(); }
     bool has_lora() const { return !lora_A.is_empty(); }
+    // A LoRA update that is not a parameter of the module (AdapterSet, qlora/trainer/adapters.h): without lora_A /
+    // lora_B, forward adds s (x A^T) B^T with these when set; clear_swapped_lora() goes back to the base.
+    void set_swapped_lora(torch::Tensor a, torch::Tensor b, double scale);
+    void clear_swapped_lora();
 
     int64_t in_features, out_features;
     torch::Tensor weight, bias;
     qlora::Nf4Tensor nf4; // set by quantize()
     torch::nn::ModuleHolder<ProjectionImpl> lora_A{nullptr}, lora_B{nullptr};
     double lora_scale = 0.0, lora_dropout = 0.0;
+    torch::Tensor swapped_a, swapped_b; // [r, in], [out, r] in the compute dtype; undefined: none
+    double swapped_scale = 0.0;
 };
 TORCH_MODULE(Projection);
+
+// Keys and values of the tokens seen so far, per decoder layer [B, K, capacity, D] (after RoPE, before the
+// grouped-query repeat), for incremental decoding; `length` positions are filled. make_kv_cache preallocates it.
+struct KVCache {
+    std::vector<torch::Tensor> k, v;
+    int64_t length = 0;
+    int64_t capacity() const { return k.empty() ? 0 : k[0].size(2); }
+};
 
 class RMSNormImpl : public torch::nn::Module {
   public:
@@ -82,6 +96,13 @@ class AttentionImpl : public torch::nn::Module {
     // where a query (row) may attend to a key (column).
     torch::Tensor
     forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask = {});
+    // x [B, T, E] are the tokens at positions past .. past + T - 1 (cos, sin [T, D] for them); their keys and values
+    // are written into k_cache, v_cache [B, K, capacity, D] at those positions and each token attends to every cached
+    // position up to its own.
+    torch::Tensor forward_cached(
+        const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_cache,
+        torch::Tensor& v_cache, int64_t past
+    );
     Projection q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, o_proj{nullptr};
     int64_t heads, kv_heads, head_dim;
 };
@@ -100,6 +121,10 @@ class DecoderLayerImpl : public torch::nn::Module {
     explicit DecoderLayerImpl(const LlamaConfig& c, Init init = Init::kRandom);
     torch::Tensor
     forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask = {});
+    torch::Tensor forward_cached(
+        const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_cache,
+        torch::Tensor& v_cache, int64_t past
+    );
     RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
     Attention self_attn{nullptr};
     MLP mlp{nullptr};
@@ -114,6 +139,9 @@ class LlamaModelImpl : public torch::nn::Module {
     // to earlier tokens of its own segment (a block-diagonal causal mask), so packed samples never see each other.
     torch::Tensor
     forward(const torch::Tensor& ids, const torch::Tensor& position_ids = {}, const torch::Tensor& segment_ids = {});
+    // ids [B, T] continue the sequences of `cache` (positions cache.length ..); returns their hidden states and
+    // advances cache.length by T. Equals forward on the whole sequence up to floating-point summation order.
+    torch::Tensor forward_cached(const torch::Tensor& ids, KVCache& cache);
     torch::nn::Embedding embed_tokens{nullptr};
     torch::nn::ModuleList layers{nullptr};
     RMSNorm norm{nullptr};
@@ -132,11 +160,16 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
     // ids [B, T] int64 -> logits [B, T, V]; position_ids and segment_ids as for LlamaModel.
     torch::Tensor
     forward(const torch::Tensor& ids, const torch::Tensor& position_ids = {}, const torch::Tensor& segment_ids = {});
+    // Logits [B, T, V] of ids continuing `cache` (LlamaModel::forward_cached).
+    torch::Tensor forward_cached(const torch::Tensor& ids, KVCache& cache);
     LlamaModel model{nullptr};
     Projection lm_head{nullptr};  // null when tied
     std::optional<LoraSpec> lora; // set by apply_qlora
 };
 TORCH_MODULE(LlamaForCausalLM);
+
+// An empty cache for `batch` sequences of up to `capacity` tokens, in the model's compute dtype `dtype`.
+KVCache make_kv_cache(const LlamaForCausalLM& m, int64_t batch, int64_t capacity, at::ScalarType dtype);
 
 // RoPE inverse frequencies with the config's scaling (default, linear, llama3; §2.5), float32 [D / 2].
 torch::Tensor rope_inv_freq(const LlamaConfig& c);
@@ -151,6 +184,10 @@ int64_t apply_qlora(LlamaForCausalLM& m, const LoraSpec& spec);
 // both written atomically, loadable by peft.PeftModel.from_pretrained on the transformers model of the same checkpoint.
 void save_adapter(const LlamaForCausalLM& m, const std::string& dir, const std::string& base_model_name_or_path);
 
+// The LoraSpec of a PEFT adapter directory's adapter_config.json (r, lora_alpha (PEFT's default 8), lora_dropout,
+// use_rslora, target_modules as a list of names), with the refusals load_adapter describes.
+LoraSpec read_adapter_config(const std::string& dir);
+
 // Loads a PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors, written by PEFT or by
 // save_adapter). A model without LoRA layers gets them first (apply_qlora with the adapter's r, lora_alpha,
 // lora_dropout, use_rslora and target_modules); a model with LoRA layers must have been converted with the same
@@ -164,6 +201,7 @@ void load_adapter(LlamaForCausalLM& m, const std::string& dir, bool load_in_4bit
 struct LoadOptions {
     at::ScalarType dtype = at::kFloat; // compute dtype: dense weights and activations (float32 or bfloat16)
     std::optional<LoraSpec> lora;      // NF4 + LoRA on these targets
+    bool add_lora = true;              // false: only quantize lora's targets (a base for AdapterSet)
 };
 
 // Streams the checkpoint tensor by tensor (each read with pread, file order): dense tensors are converted to
