@@ -191,7 +191,11 @@ void write_merged(
         for (const char* f :
              {"tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "generation_config.json"}) {
-            const std::filesystem::path from = std::filesystem::path(opt.base_dir) / f;
+            std::filesystem::path from = std::filesystem::path(opt.base_dir) / f;
+            if (!std::filesystem::is_regular_file(from) && std::string(f) == "tokenizer.model" &&
+                !opt.tokenizer.empty()) {
+                from = opt.tokenizer;
+            }
             if (!std::filesystem::is_regular_file(from)) {
                 continue;
             }

@@ -355,6 +355,7 @@ int main(int argc, char** argv) {
                 mo.base_dir = c.base_model;
                 mo.adapter_dir = c.output_dir;
                 mo.dense_base = c.adapter == "lora";
+                mo.tokenizer = c.tokenizer;
                 if (m_out.empty()) {
                     m_out = (std::filesystem::path(c.output_dir) / "merged").string();
                 }

@@ -26,6 +26,7 @@ struct MergeOptions {
     bool dense_base = false; // the adapter was trained on dense weights (adapter: lora): W is the stored weight
     std::string dtype = "";  // "bfloat16", "float16", "float32", "nf4"; empty: the base's torch_dtype (else float32)
     bool force = false;      // allow "nf4"
+    std::string tokenizer;   // optional sentencepiece model, written as tokenizer.model when the base has none
 };
 
 struct MergedModel {
