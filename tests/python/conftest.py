@@ -48,17 +48,30 @@ def has_cuda() -> bool:
 requires_cuda = pytest.mark.skipif(not has_cuda(), reason="no CUDA device on this machine")
 
 
+def cmake_binary(name: str) -> str:
+    """build/bin/<name>, built by CMake: skips the test without a CMake build, fails under scripts/test.sh (which sets
+    QLORA_REQUIRE_CMAKE_BUILD=1) if the build did not produce it."""
+    path = os.path.join(REPO, "build", "bin", name)
+    if not os.path.exists(path):
+        if os.environ.get("QLORA_REQUIRE_CMAKE_BUILD") == "1":
+            pytest.fail(f"{path} is missing: the CMake build did not produce it")
+        pytest.skip("CMake build not present (run scripts/test.sh)")
+    return path
+
+
 # The C++ test driver of the trainer library (trainer/tools/safetensors_tool.cpp), built by CMake.
 TOOL = os.path.join(REPO, "build", "bin", "qlora_safetensors")
 
 
 @pytest.fixture(scope="module")
 def tool():
-    if not os.path.exists(TOOL):
-        if os.environ.get("QLORA_REQUIRE_CMAKE_BUILD") == "1":
-            pytest.fail(f"{TOOL} is missing: the CMake build did not produce it")
-        pytest.skip("CMake build not present (run scripts/test.sh)")
-    return TOOL
+    return cmake_binary("qlora_safetensors")
+
+
+@pytest.fixture(scope="module")
+def qlora_bin():
+    """The `qlora` command (trainer/tools/qlora_main.cpp)."""
+    return cmake_binary("qlora")
 
 
 LLAMA_CASES = {

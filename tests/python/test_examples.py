@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, cmake_binary
 
 EXAMPLES = os.path.join(REPO, "examples")
 
@@ -88,10 +88,7 @@ def test_every_example_has_a_readme_with_its_command(example):
 
 
 def test_end_to_end_trains_merges_exports_and_generates_from_stock_pytorch(tmp_path):
-    if not os.path.exists(os.path.join(REPO, "build", "bin", "qlora")):
-        if os.environ.get("QLORA_REQUIRE_CMAKE_BUILD") == "1":
-            pytest.fail("build/bin/qlora is missing: the CMake build did not produce it")
-        pytest.skip("CMake build not present (run scripts/test.sh)")
+    cmake_binary("qlora")
     pytest.importorskip("sentencepiece")
     r = subprocess.run(["bash", os.path.join(EXAMPLES, "end_to_end", "run.sh"), "20"], capture_output=True, text=True,
                        timeout=900, cwd=REPO, env={**os.environ, "OUT": str(tmp_path / "e2e")})

@@ -26,15 +26,6 @@ INSTRUCTION = "Complete the verse from the King James Bible."
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.fixture(scope="module")
-def qlora_bin():
-    if not os.path.exists(QLORA):
-        if os.environ.get("QLORA_REQUIRE_CMAKE_BUILD") == "1":
-            pytest.fail(f"{QLORA} is missing: the CMake build did not produce it")
-        pytest.skip("CMake build not present (run scripts/test.sh)")
-    return QLORA
-
-
 def run(*args, check=True, stdin=None):
     r = subprocess.run([QLORA, *map(str, args)], capture_output=True, text=True, input=stdin, timeout=600)
     if check and r.returncode != 0:

@@ -20,15 +20,6 @@ TOKENIZER = os.path.join(REPO, "models", "tiny-kjv", "tokenizer.model")
 
 
 @pytest.fixture(scope="module")
-def qlora_bin():
-    if not os.path.exists(QLORA):
-        if os.environ.get("QLORA_REQUIRE_CMAKE_BUILD") == "1":
-            pytest.fail(f"{QLORA} is missing: the CMake build did not produce it")
-        pytest.skip("CMake build not present (run scripts/test.sh)")
-    return QLORA
-
-
-@pytest.fixture(scope="module")
 def base(qlora_bin, tmp_path_factory):
     """A small random Llama with the bundled tokenizer's vocabulary, and an alpaca dataset."""
     d = tmp_path_factory.mktemp("base")
