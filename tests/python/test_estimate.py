@@ -11,10 +11,9 @@ import subprocess
 import pytest
 
 from conftest import REPO
-from test_train_cli import qlora_bin  # noqa: F401  (fixture)
 
 
-def estimated(qlora_bin, config, overrides):  # noqa: F811
+def estimated(qlora_bin, config, overrides):
     r = subprocess.run([qlora_bin, "estimate", config, *overrides], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     m = re.search(r"([0-9.]+) MiB  total", r.stdout)
@@ -22,7 +21,7 @@ def estimated(qlora_bin, config, overrides):  # noqa: F811
     return float(m.group(1)) * 2**20
 
 
-def measured(qlora_bin, config, overrides):  # noqa: F811
+def measured(qlora_bin, config, overrides):
     r = subprocess.run([qlora_bin, "train", config, *overrides], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     out = [o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")][0]
@@ -30,14 +29,14 @@ def measured(qlora_bin, config, overrides):  # noqa: F811
         return max(json.loads(line).get("peak_rss_bytes", 0) for line in f)
 
 
-def test_qlora_tiny_estimate_within_10_percent(qlora_bin, tmp_path):  # noqa: F811
+def test_qlora_tiny_estimate_within_10_percent(qlora_bin, tmp_path):
     config = os.path.join(REPO, "configs", "tiny", "qlora.yaml")
     overrides = [f"output_dir={tmp_path / 'out'}", "max_steps=12", "eval_steps=0", "save_steps=0"]
     est, peak = estimated(qlora_bin, config, overrides), measured(qlora_bin, config, overrides)
     assert abs(est - peak) <= 0.10 * peak, (est / 2**20, peak / 2**20)
 
 
-def test_full_training_estimate_within_10_percent(qlora_bin, tmp_path):  # noqa: F811
+def test_full_training_estimate_within_10_percent(qlora_bin, tmp_path):
     verses = [json.loads(line) for line in open(os.path.join(REPO, "data", "tiny-kjv", "verses.jsonl"))]
     with open(tmp_path / "text.jsonl", "w") as f:
         for i in range(0, len(verses) - 4, 4):

@@ -171,3 +171,23 @@ def test_bad_adapters_and_refused_merges_give_one_line_errors(qlora_bin, tmp_pat
     assert loaded.config.quantization_config.load_in_4bit
     r = run("export", "--format", "onnx", "--model", BASE, "--out", tmp_path / "x", check=False)
     assert r.returncode == 1 and "--format must be torchscript or safetensors" in r.stderr
+
+
+def test_init_nf4_writes_a_bitsandbytes_checkpoint_without_a_dense_model(qlora_bin, tmp_path):
+    cfg = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu", vocab_size=512,
+               hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    run("init", tmp_path / "config.json", tmp_path / "m", "--nf4", "--dtype", "bf16", "--seed", "4")
+    files = safetensors_torch.load_file(str(tmp_path / "m" / "model.safetensors"))
+    assert files["model.layers.0.self_attn.q_proj.weight"].dtype == torch.uint8  # packed NF4
+    assert files["model.embed_tokens.weight"].dtype == torch.bfloat16
+    m = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "m"))
+    assert type(m.model.layers[1].mlp.down_proj).__name__ == "Linear4bit"
+    # The weights are transformers' init, N(0, 0.02), up to NF4 rounding (about 10 % RMS, unbiased in the std).
+    state = m.model.layers[0].self_attn.q_proj.weight.quant_state
+    import bitsandbytes.functional as bnbf
+    w = bnbf.dequantize_4bit(m.model.layers[0].self_attn.q_proj.weight.data, state).float()
+    assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.001
+    with torch.no_grad():
+        assert torch.isfinite(m(torch.tensor([[1, 5, 9]])).logits).all()

@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from conftest import eager_llama
-from test_train_cli import QLORA, TOKENIZER, qlora_bin  # noqa: F401  (fixture)
+from test_train_cli import TOKENIZER  # qlora_bin is a conftest fixture
 
 safetensors_torch = pytest.importorskip("safetensors.torch")
 peft = pytest.importorskip("peft")
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def test_first_steps_match_transformers_and_peft(qlora_bin, tmp_path):  # noqa: F811
+def test_first_steps_match_transformers_and_peft(qlora_bin, tmp_path):
     import qlora
 
     model, directory = eager_llama("gqa_tied", tmp_path, vocab_size=2048, hidden_size=128, intermediate_size=256)

@@ -753,4 +753,58 @@ void save_model(const LlamaForCausalLM& m, const std::string& dir, uint64_t max_
     );
 }
 
+void save_random_model(
+    const LlamaConfig& c, const std::string& dir, uint64_t seed, at::ScalarType dtype, const LoraSpec* nf4
+) {
+    check_dtype(dtype);
+    at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+    std::vector<std::pair<std::string, at::Tensor>> tensors;
+    std::set<std::string> dense_leaves;
+    bool any_nf4 = false;
+    const auto ends_with = [](const std::string& s, const std::string& tail) {
+        return s.size() >= tail.size() && s.compare(s.size() - tail.size(), tail.size(), tail) == 0;
+    };
+    torch::NoGradGuard no_grad;
+    for (const auto& [name, shape] : expected_tensors(c)) {
+        at::Tensor w;
+        if (ends_with(name, "norm.weight")) {
+            w = at::ones(shape);
+        } else if (ends_with(name, ".bias")) {
+            w = at::zeros(shape);
+        } else {
+            w = at::empty(shape).normal_(0.0, 0.02, gen);
+        }
+        const std::string module = name.substr(0, name.find_last_of('.'));
+        const bool projection = shape.size() == 2 && ends_with(name, ".weight") && name != "model.embed_tokens.weight";
+        if (projection && nf4 != nullptr && is_target(module, *nf4)) {
+            qlora::Nf4Tensor q = quantize_weight(w, *nf4, dtype);
+            for (auto& t : qlora::bnb::nf4_tensors(name, q)) {
+                tensors.push_back(std::move(t));
+            }
+            any_nf4 = true;
+        } else {
+            if (projection) {
+                dense_leaves.insert(module.substr(module.find_last_of('.') + 1));
+            }
+            tensors.emplace_back(name, w.to(dtype));
+        }
+    }
+    if (c.tie_word_embeddings) {
+        dense_leaves.insert("lm_head");
+    }
+    std::vector<std::string> skip;
+    if (dense_leaves != std::set<std::string>{"lm_head"}) {
+        skip.assign(dense_leaves.begin(), dense_leaves.end());
+    }
+    const nlohmann::json quantization =
+        any_nf4 ? qlora::bnb::quantization_config(dtype, nf4->double_quant, skip) : nlohmann::json(nullptr);
+    safetensors::save_checkpoint(dir, tensors);
+    const std::string text =
+        config_json(c, dtype == at::kBFloat16 ? "bfloat16" : "float32", quantization).dump(2) + "\n";
+    qlora::trainer::write_file_atomically(
+        (std::filesystem::path(dir) / "config.json").string(),
+        [&](qlora::trainer::FileSink& out) { out.write(text.data(), text.size()); }
+    );
+}
+
 } // namespace qlora::llama

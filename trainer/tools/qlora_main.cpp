@@ -14,8 +14,10 @@
 //                  --chat [--system TEXT]) [...]
 //                                             generate from a model (and PEFT adapters, switched with /adapter NAME in
 //                                             --chat), streaming to stdout, with a key/value cache
-//   qlora init CONFIG_JSON OUT_DIR [--seed N] a randomly initialised model (transformers' init) as a Hugging Face
-//                                             directory, e.g. to pretrain a small model from scratch
+//   qlora init CONFIG_JSON OUT_DIR [--seed N] [--nf4] [--dtype fp32|bf16]
+//                                             a randomly initialised model (transformers' init) as a Hugging Face
+//                                             directory, e.g. to pretrain a small model from scratch; --nf4 streams the
+//                                             projections into NF4 (a 7B-shaped model in about 4 GB)
 // Overrides use the config's keys, dotted for nested ones (`lora_r=16`, `datasets.0.path=data.jsonl`). Bad input
 // gives one line on stderr and exit status 1; an interrupted training run (SIGINT/SIGTERM) saves a checkpoint after
 // the current step and exits with status 130.
@@ -236,6 +238,14 @@ int main(int argc, char** argv) {
     init->add_option("config_json", init_config, "Llama config.json")->required()->check(CLI::ExistingFile);
     init->add_option("out_dir", init_out, "Output directory (config.json + model.safetensors)")->required();
     init->add_option("--seed", init_seed, "Random seed");
+    bool init_nf4 = false;
+    std::string init_dtype = "fp32";
+    init->add_flag(
+        "--nf4", init_nf4,
+        "Store the seven projections 4-bit (bitsandbytes NF4, double quantization), drawn and quantized one tensor at "
+        "a time: a 7B-shaped model without ever holding it dense"
+    );
+    init->add_option("--dtype", init_dtype, "fp32 or bf16: the dtype of the dense tensors");
     std::string dump;
     pre->add_option("--dump", dump, "Write every tokenized example as JSONL (input_ids, labels) to this file");
     pre->add_flag("--debug", debug, "Print examples token by token with their labels (masked tokens marked)");
@@ -422,9 +432,20 @@ int main(int argc, char** argv) {
         }
         if (*init) {
             const qlora::llama::LlamaConfig mc = qlora::llama::load_config(init_config);
-            torch::manual_seed(init_seed);
-            const qlora::llama::LlamaForCausalLM m(mc);
-            qlora::llama::save_model(m, init_out);
+            if (init_dtype != "fp32" && init_dtype != "bf16") {
+                throw std::runtime_error("init: --dtype must be fp32 or bf16, got '" + init_dtype + "'");
+            }
+            if (init_nf4 || init_dtype == "bf16") {
+                const qlora::llama::LoraSpec spec;
+                qlora::llama::save_random_model(
+                    mc, init_out, init_seed, init_dtype == "bf16" ? at::kBFloat16 : at::kFloat,
+                    init_nf4 ? &spec : nullptr
+                );
+            } else { // transformers' init order, as before (the bundled model was made this way)
+                torch::manual_seed(init_seed);
+                const qlora::llama::LlamaForCausalLM m(mc);
+                qlora::llama::save_model(m, init_out);
+            }
             std::printf("wrote %s\n", init_out.c_str());
             return 0;
         }

@@ -222,4 +222,12 @@ void load_weights(LlamaForCausalLM& m, const safetensors::Checkpoint& ck, at::Sc
 // load_model reloads it without re-quantizing. LoRA matrices are not part of it (save_adapter writes them).
 void save_model(const LlamaForCausalLM& m, const std::string& dir, uint64_t max_shard_bytes = uint64_t{5} << 30);
 
+// Writes a randomly initialised model (transformers' init: N(0, 0.02) weights, unit norms, zero biases) for config
+// `c` without ever holding it dense: tensors are drawn one at a time from a generator seeded with `seed`; with
+// `nf4`, its target projections are quantized as they are drawn and stored in bitsandbytes' 4-bit form (with the
+// quantization_config), everything else in `dtype`. So a 7B-shaped NF4 model needs about its NF4 size in memory.
+void save_random_model(
+    const LlamaConfig& c, const std::string& dir, uint64_t seed, at::ScalarType dtype, const LoraSpec* nf4
+);
+
 } // namespace qlora::llama
