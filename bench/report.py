@@ -124,7 +124,29 @@ def load_table(doc: dict) -> str:
     ])
 
 
-TABLES = {"nf4_quant": nf4_quant_table, "nf4_linear": nf4_linear_table, "adamw": adamw_table, "load": load_table}
+def train_7b_table(doc: dict) -> str:
+    m, r = doc["machine"], doc["run"]
+    gib = 2**30
+    init = f"{doc['init_seconds']:.0f} s" if doc.get("init_seconds") else "reused"
+    return "\n".join([
+        f"Machine: {m['cpu']}, {m['cores']} cores, CPU kernels {m['qlora_cpu_isa']}, torch {m['torch']}. Llama-2-7B shape "
+        f"({doc['model']['parameters'] / 1e9:.2f} B parameters, random weights, NF4 file "
+        f"{doc['model']['nf4_dir_bytes'] / gib:.2f} GiB), QLoRA r {r['lora_r']} on all seven projections, sequence "
+        f"{r['sequence_len']} (packed), micro-batch {r['micro_batch_size']}, activation checkpointing, "
+        f"{r['compute_dtype']} compute, paged 8-bit AdamW, {r['threads']} threads, {r['steps']} steps.",
+        "",
+        "| `qlora init --nf4` | first step | seconds per later step | tokens/s | peak RSS (VmHWM) | goal ≤ 6 GB | "
+        "`qlora estimate` | estimate / measured |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {init} | {doc['first_step_seconds']:.0f} s | {doc['seconds_per_step']:.0f} s | "
+        f"{doc['tokens_per_second']:.2f} | {doc['peak_rss_bytes'] / 1e9:.2f} GB ({doc['peak_rss_bytes'] / gib:.2f} GiB) | "
+        f"{'met' if doc['goal_met'] else 'MISSED'} | {doc['estimate_total_mib'] / 1024:.2f} GiB | "
+        f"{doc['estimate_vs_measured']:.2f} |",
+    ])
+
+
+TABLES = {"nf4_quant": nf4_quant_table, "nf4_linear": nf4_linear_table, "adamw": adamw_table, "load": load_table,
+          "train_7b": train_7b_table}
 
 
 def main() -> None:
