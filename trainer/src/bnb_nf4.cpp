@@ -228,4 +228,11 @@ void check_quantization_config(const nlohmann::json& config, const std::string& 
     }
 }
 
+std::vector<std::string> skip_modules(const std::set<std::string>& dense_leaves) {
+    if (dense_leaves == std::set<std::string>{"lm_head"}) {
+        return {};
+    }
+    return {dense_leaves.begin(), dense_leaves.end()};
+}
+
 } // namespace qlora::bnb

@@ -736,14 +736,10 @@ void save_model(const LlamaForCausalLM& m, const std::string& dir, uint64_t max_
     if (!m->lm_head) {
         dense_modules.insert("lm_head"); // tied: the embedding, never quantized
     }
-    // transformers converts every Linear except llm_int8_skip_modules, which (when given) replaces its default of
-    // skipping the output layer; null keeps that default when only the LM head is dense.
-    std::vector<std::string> skip;
-    if (dense_modules != std::set<std::string>{"lm_head"}) {
-        skip.assign(dense_modules.begin(), dense_modules.end());
-    }
+    // transformers converts every Linear except llm_int8_skip_modules (qlora::bnb::skip_modules).
     const nlohmann::json quantization =
-        any_nf4 ? qlora::bnb::quantization_config(dtype, double_quant, skip) : nlohmann::json(nullptr);
+        any_nf4 ? qlora::bnb::quantization_config(dtype, double_quant, qlora::bnb::skip_modules(dense_modules))
+                : nlohmann::json(nullptr);
     safetensors::save_checkpoint(dir, tensors, max_shard_bytes);
     const std::string text =
         config_json(m->model->config, dtype == at::kBFloat16 ? "bfloat16" : "float32", quantization).dump(2) + "\n";
@@ -792,12 +788,9 @@ void save_random_model(
     if (c.tie_word_embeddings) {
         dense_leaves.insert("lm_head");
     }
-    std::vector<std::string> skip;
-    if (dense_leaves != std::set<std::string>{"lm_head"}) {
-        skip.assign(dense_leaves.begin(), dense_leaves.end());
-    }
     const nlohmann::json quantization =
-        any_nf4 ? qlora::bnb::quantization_config(dtype, nf4->double_quant, skip) : nlohmann::json(nullptr);
+        any_nf4 ? qlora::bnb::quantization_config(dtype, nf4->double_quant, qlora::bnb::skip_modules(dense_leaves))
+                : nlohmann::json(nullptr);
     safetensors::save_checkpoint(dir, tensors);
     const std::string text =
         config_json(c, dtype == at::kBFloat16 ? "bfloat16" : "float32", quantization).dump(2) + "\n";

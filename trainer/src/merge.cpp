@@ -174,11 +174,8 @@ void write_merged(
                 tensors.push_back(std::move(t));
             }
         }
-        std::vector<std::string> skip;
-        if (dense_leaves != std::set<std::string>{"lm_head"}) {
-            skip.assign(dense_leaves.begin(), dense_leaves.end());
-        }
-        quantization = qlora::bnb::quantization_config(at::kFloat, spec.double_quant, skip);
+        quantization =
+            qlora::bnb::quantization_config(at::kFloat, spec.double_quant, qlora::bnb::skip_modules(dense_leaves));
     } else {
         tensors = merged.tensors;
     }

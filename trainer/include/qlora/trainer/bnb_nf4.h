@@ -15,6 +15,7 @@
 // bitsandbytes does (Python json.dumps with its default separators), so its files are byte-identical.
 #pragma once
 
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -47,6 +48,11 @@ std::vector<std::pair<std::string, at::Tensor>> nf4_tensors(const std::string& p
 // `dense_modules` (leaf names such as "lm_head" or "k_proj", transformers' llm_int8_skip_modules).
 nlohmann::json
 quantization_config(at::ScalarType compute_dtype, bool double_quant, const std::vector<std::string>& dense_modules);
+
+// transformers' llm_int8_skip_modules for a model whose dense (not 4-bit) projections have the leaf names
+// `dense_leaves`: empty when only "lm_head" is dense (null in the config keeps transformers' default, which skips the
+// output layer), else all of them (a given list replaces that default).
+std::vector<std::string> skip_modules(const std::set<std::string>& dense_leaves);
 
 // Checks a config.json's quantization_config (when present): bitsandbytes 4-bit NF4 is accepted, anything else
 // (8-bit, FP4, another method) is refused naming the key. `what` names the file.
