@@ -145,8 +145,32 @@ def train_7b_table(doc: dict) -> str:
     ])
 
 
+def train_table(doc: dict) -> str:
+    m, md = doc["machine"], doc["model"]
+    names = {"qlora_train": "`qlora train`", "transformers_peft_bnb": "transformers + PEFT + bitsandbytes",
+             "transformers_qlora_nn": "transformers + `qlora.nn`"}
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, CPU kernels {m['qlora_cpu_isa']}, torch {m['torch']}, bitsandbytes "
+        f"{m['bitsandbytes']}. Model: {md['parameters'] / 1e6:.0f} M parameters (hidden {md['hidden_size']}, "
+        f"{md['num_hidden_layers']} layers, GQA {md['num_attention_heads']}/{md['num_key_value_heads']}, vocabulary "
+        f"{md['vocab_size']}), QLoRA r 16 on all projections, float32, sequence 512, micro-batch 1, paged 8-bit AdamW, "
+        f"{doc['steps']} steps; ×N = ratio to transformers + PEFT + bitsandbytes in the same case.",
+        "",
+        "| threads | checkpointing | system | tokens/s | peak RSS | loss, last 3 steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in doc["cases"]:
+        for key, s in c["systems"].items():
+            lines.append(
+                f"| {c['threads']} | {'on' if c['gradient_checkpointing'] else 'off'} | {names[key]} | "
+                f"{s['tokens_per_second']:.0f} (×{s['tokens_per_second_vs_bnb']:.2f}) | "
+                f"{s['peak_rss_bytes'] / 2**30:.2f} GiB (×{s['peak_rss_vs_bnb']:.2f}) | {s['final_loss']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
 TABLES = {"nf4_quant": nf4_quant_table, "nf4_linear": nf4_linear_table, "adamw": adamw_table, "load": load_table,
-          "train_7b": train_7b_table}
+          "train_7b": train_7b_table, "train": train_table}
 
 
 def main() -> None:
