@@ -85,7 +85,7 @@ bool build_affine(const float* map, int first, Dynamic8Affine* A) {
             return false;
         }
     }
-    int run_of[Dynamic8Affine::kBinades + 1]; // run of each binade's lowest value
+    int run_of[Dynamic8Affine::kBinades]; // run of each binade's lowest value
     for (int e = 0; e < Dynamic8Affine::kBinades; ++e) {
         const uint32_t exponent = Dynamic8Affine::kExponentBase + static_cast<uint32_t>(e);
         const float bottom = e == 0 ? 0.0f : core::float_from_bits(exponent << 23);

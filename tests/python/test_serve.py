@@ -69,7 +69,7 @@ def test_merged_checkpoint_equals_peft_merge_and_loads_in_transformers(merged):
         adapter_logits = model(ids).logits
         want = model.merge_and_unload().state_dict()
     got = safetensors_torch.load_file(str(out / "model.safetensors"))
-    assert set(got) == set(want) - {"lm_head.weight"} or set(got) == set(want)
+    assert set(got) == set(want)  # untied model: lm_head.weight is a tensor of its own
     for k, w in got.items():
         # Same float32 terms (B @ A times the scale, added to W): at most an ulp or two of the weight.
         torch.testing.assert_close(w, want[k], rtol=0, atol=4 * torch.finfo(torch.float32).eps * want[k].abs().max())
@@ -84,7 +84,6 @@ def test_torchscript_loads_in_stock_pytorch_with_transformers_logits(qlora_bin, 
     archive = tmp_path / "model.pt"
     assert "wrote" in run("export", "--format", "torchscript", "--model", out, "--out", archive).stdout
     ids = torch.randint(0, 2048, (2, 19))
-    torch.save  # noqa: B018  (ids go through a safetensors file: no pickle anywhere)
     safetensors_torch.save_file({"ids": ids}, str(tmp_path / "ids.safetensors"))
     script = (
         "import sys, torch, warnings\n"

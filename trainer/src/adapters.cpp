@@ -89,7 +89,6 @@ void AdapterSet::add(const std::string& name, const std::string& dir) {
         TORCH_CHECK(entry.first != name, "AdapterSet: an adapter named '", name, "' is loaded already");
     }
     Adapter a;
-    a.dir = dir;
     a.spec = read_adapter_config(dir);
     a.scale = lora_scale(a.spec);
     std::map<std::string, std::pair<int64_t, int64_t>> shapes;
@@ -135,15 +134,6 @@ std::vector<std::string> AdapterSet::names() const {
         out.push_back(entry.first);
     }
     return out;
-}
-
-const LoraSpec& AdapterSet::spec(const std::string& name) const {
-    for (const auto& [have, a] : adapters_) {
-        if (have == name) {
-            return a.spec;
-        }
-    }
-    throw std::runtime_error("no adapter named '" + name + "'");
 }
 
 std::vector<std::string> adapter_targets(const std::vector<std::string>& dirs) {

@@ -8,8 +8,6 @@
 // The math is LlamaForCausalLM's (llama.cpp): float32 RMSNorm, split-half RoPE from the config's inverse
 // frequencies, grouped-query attention through SDPA with a causal mask, SwiGLU, tied or separate head. Dtypes are
 // ScalarType numbers (4 = int64, 6 = float32): names like torch.float32 resolve only through Python.
-#include <unistd.h>
-
 #include <cstdio>
 #include <filesystem>
 #include <stdexcept>

@@ -38,27 +38,22 @@ ProjectionImpl::ProjectionImpl(int64_t in_f, int64_t out_f, bool has_bias, Init 
 
 torch::Tensor ProjectionImpl::forward(const torch::Tensor& x) {
     const std::optional<at::Tensor> b = bias.defined() ? std::optional<at::Tensor>(bias) : std::nullopt;
-    if (!has_lora() && swapped_a.defined()) {
-        const at::Tensor a = swapped_a.to(x.scalar_type()), bb = swapped_b.to(x.scalar_type());
-        if (!quantized()) {
-            return at::linear(x, weight, b) + at::linear(at::linear(x, a), bb) * swapped_scale;
-        }
-        return qlora::linear(x, nf4, b, a, bb, swapped_scale);
-    }
-    if (!has_lora()) {
+    // The LoRA update in use: the module's own lora_A / lora_B, else a hot-swapped one (AdapterSet), else none.
+    const bool own = has_lora();
+    if (!own && !swapped_a.defined()) {
         return quantized() ? qlora::linear(x, nf4, b) : at::linear(x, weight, b);
     }
+    const at::Tensor a = (own ? lora_A->weight : swapped_a).to(x.scalar_type());
+    const at::Tensor bb = (own ? lora_B->weight : swapped_b).to(x.scalar_type());
+    const double scale = own ? lora_scale : swapped_scale;
     std::optional<at::Tensor> lora_input;
-    if (lora_dropout > 0.0 && is_training()) {
+    if (own && lora_dropout > 0.0 && is_training()) {
         lora_input = at::dropout(x, lora_dropout, /*train=*/true);
     }
     if (!quantized()) { // plain LoRA: the same sum with a dense base
-        const at::Tensor a = lora_A->weight.to(x.scalar_type()), bb = lora_B->weight.to(x.scalar_type());
-        return at::linear(x, weight, b) + at::linear(at::linear(lora_input.value_or(x), a), bb) * lora_scale;
+        return at::linear(x, weight, b) + at::linear(at::linear(lora_input.value_or(x), a), bb) * scale;
     }
-    return qlora::linear(
-        x, nf4, b, lora_A->weight.to(x.scalar_type()), lora_B->weight.to(x.scalar_type()), lora_scale, lora_input
-    );
+    return qlora::linear(x, nf4, b, a, bb, scale, lora_input);
 }
 
 void ProjectionImpl::set_nf4(qlora::Nf4Tensor q) {

@@ -95,7 +95,6 @@ MergedModel merge_tensors(const MergeOptions& opt) {
     for (const auto& [name, shape] : expected_tensors(out.config)) {
         shapes.emplace(name, shape);
     }
-    double err2 = 0.0, norm2 = 0.0;
     torch::NoGradGuard no_grad;
     for (const std::string& name : src.names_in_storage_order()) {
         const auto shape = shapes.find(name);
@@ -121,11 +120,6 @@ MergedModel merge_tensors(const MergeOptions& opt) {
         if (update != lora.end()) {
             w = w + at::matmul(update->second.second, update->second.first) * scale; // W + s · B A, float32
             out.merged_modules.push_back(module);
-            if (out.dtype == "nf4") {
-                const qlora::Nf4Tensor q = qlora::nf4_quantize(w, spec.blocksize, spec.double_quant);
-                err2 += (qlora::nf4_dequantize(q, at::kFloat) - w).pow(2).sum().item<double>();
-                norm2 += w.pow(2).sum().item<double>();
-            }
             out.tensors.emplace_back(name, out.dtype == "nf4" ? w : w.to(dense_dtype));
         } else {
             out.tensors.emplace_back(name, w.to(dense_dtype));
@@ -134,13 +128,11 @@ MergedModel merge_tensors(const MergeOptions& opt) {
     if (out.merged_modules.size() != lora.size()) {
         throw std::runtime_error(opt.adapter_dir + ": some adapter modules have no weight in " + src.dir());
     }
-    out.nf4_relative_rms = norm2 > 0.0 ? std::sqrt(err2 / norm2) : 0.0;
     return out;
 }
 
-void write_merged(
-    const MergedModel& merged, const MergeOptions& opt, const std::string& out_dir, uint64_t max_shard_bytes
-) {
+double
+write_merged(const MergedModel& merged, const MergeOptions& opt, const std::string& out_dir, uint64_t max_shard_bytes) {
     if (std::filesystem::exists(out_dir)) {
         throw std::runtime_error(
             out_dir + ": already exists; merge writes a new directory (remove it or pick another)"
@@ -150,6 +142,7 @@ void write_merged(
     std::vector<std::pair<std::string, at::Tensor>> tensors;
     nlohmann::json quantization = nullptr;
     std::string dtype_name = merged.dtype;
+    double err2 = 0.0, norm2 = 0.0; // rounding of the merged weights to NF4 (dtype nf4)
     if (merged.dtype == "nf4") {
         dtype_name = "float32";
         const std::set<std::string> merged_set(merged.merged_modules.begin(), merged.merged_modules.end());
@@ -170,6 +163,8 @@ void write_merged(
             }
             qlora::Nf4Tensor q = qlora::nf4_quantize(w, spec.blocksize, spec.double_quant);
             q.dtype = at::kFloat;
+            err2 += (qlora::nf4_dequantize(q, at::kFloat) - w).pow(2).sum().item<double>();
+            norm2 += w.pow(2).sum().item<double>();
             for (auto& t : qlora::bnb::nf4_tensors(name, q)) {
                 tensors.push_back(std::move(t));
             }
@@ -208,6 +203,7 @@ void write_merged(
             });
         }
     });
+    return norm2 > 0.0 ? std::sqrt(err2 / norm2) : 0.0;
 }
 
 LlamaForCausalLM merged_model(const MergedModel& merged, at::ScalarType compute_dtype) {

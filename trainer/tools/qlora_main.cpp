@@ -377,7 +377,7 @@ int main(int argc, char** argv) {
                 mo.adapter_dir = m_adapter;
             }
             const qlora::llama::MergedModel merged = qlora::llama::merge_tensors(mo);
-            qlora::llama::write_merged(merged, mo, m_out);
+            const double nf4_rms = qlora::llama::write_merged(merged, mo, m_out);
             std::printf(
                 "merged %zu projections of %s into %s (%s)\n", merged.merged_modules.size(), mo.adapter_dir.c_str(),
                 m_out.c_str(), merged.dtype.c_str()
@@ -385,7 +385,7 @@ int main(int argc, char** argv) {
             if (merged.dtype == "nf4") {
                 std::printf(
                     "rounding cost of 4-bit: relative RMS error %.4g of the merged weights (NF4 re-quantization)\n",
-                    merged.nf4_relative_rms
+                    nf4_rms
                 );
             }
             const at::ScalarType probe_dtype =

@@ -30,11 +30,9 @@ class AdapterSet {
     const std::string& active() const { return active_; }
     std::vector<std::string> names() const; // in the order added
     LlamaForCausalLM& model() { return model_; }
-    const LoraSpec& spec(const std::string& name) const;
 
   private:
     struct Adapter {
-        std::string dir;
         LoraSpec spec;
         double scale = 0.0; // alpha / r, or alpha / sqrt(r) with rsLoRA (PEFT)
         std::map<std::string, std::pair<at::Tensor, at::Tensor>> modules; // module -> (A [r, in], B [out, r])

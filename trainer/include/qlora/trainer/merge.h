@@ -34,7 +34,6 @@ struct MergedModel {
     std::string dtype;                                       // output dtype name
     std::vector<std::pair<std::string, at::Tensor>> tensors; // dense tensors in checkpoint order
     std::vector<std::string> merged_modules;                 // projections that received an update
-    double nf4_relative_rms = 0.0; // with dtype nf4: ||Q(W') - W'|| / ||W'|| over the merged weights
 };
 
 // The merged weights (dense, in the output dtype; with "nf4" the merged projections are returned dense in float32
@@ -43,8 +42,9 @@ MergedModel merge_tensors(const MergeOptions& opt);
 
 // Writes a Hugging Face directory: config.json (torch_dtype updated, quantization_config only for nf4), the weights
 // (sharded above max_shard_bytes), and the tokenizer files of the base directory (tokenizer.model, tokenizer.json,
-// tokenizer_config.json, special_tokens_map.json, generation_config.json, those present).
-void write_merged(
+// tokenizer_config.json, special_tokens_map.json, generation_config.json, those present). With dtype nf4 the merged
+// projections are quantized here; returns their relative RMS rounding error ||Q(W') - W'|| / ||W'|| (0 otherwise).
+double write_merged(
     const MergedModel& merged, const MergeOptions& opt, const std::string& out_dir,
     uint64_t max_shard_bytes = uint64_t{5} << 30
 );
