@@ -218,3 +218,27 @@ def test_bundled_tiny_finetune_reaches_its_loss_band(qlora_bin, tmp_path):
     late = [got[s] for s in range(31, 41)]
     assert 3.8 < got[1] < 4.3 and sum(late) / len(late) < got[1] - 0.25, (got[1], late)
     assert "100.0% of examples end in a trained EOS" in r.stdout
+
+
+def test_profile_writes_the_step_breakdown_and_leaves_the_run_unchanged(qlora_bin, base, reference, tmp_path):
+    prof = tmp_path / "prof"
+    r = subprocess.run([qlora_bin, "train", str(write_config(tmp_path, base)), "--profile", str(prof),
+                        "--profile-steps", "3"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert_same_run(reference, tmp_path / "out")  # profiling observes; it does not change the numbers
+    doc = json.loads((prof / "ops.json").read_text())
+    assert doc["steps"] == 3 and doc["first_step"] == 2
+    assert set(doc["phases"]) == {"forward", "backward", "optimizer"}
+    ops = {o["name"]: o for o in doc["ops"]}
+    # 2 layers x 7 projections, 2 micro-batches a step, 3 steps: every forward runs qlora's NF4 linear.
+    assert ops["qlora::linear"]["calls"] >= 2 * 7 * 2 * 3
+    # LoRA matrices this small (< 4096 elements) keep 32-bit state, as in bitsandbytes (min_8bit_size).
+    assert ops["qlora::adamw32bit_step"]["category"] == "optimizer"
+    assert ops["qlora::adamw32bit_step"]["calls"] == 3 * 2 * 7 * 2  # 3 steps x 2 layers x 7 projections x (A, B)
+    assert "aten::mm" in ops
+    in_ops = sum(o["self_s"] for o in doc["ops"] if o["category"] != "user")
+    assert 0 < in_ops <= doc["wall_s"]
+    assert abs(sum(c["self_s"] for c in doc["categories"].values()) - doc["wall_s"]) < 1e-6 * doc["wall_s"] + 1e-9
+    trace = json.loads((prof / "trace.json").read_text())
+    assert any(e.get("name") == "qlora::linear" for e in trace["traceEvents"])
+    assert "profile: 3 step(s) from step 2" in r.stdout

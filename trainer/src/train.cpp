@@ -40,6 +40,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <nlohmann/json.hpp>
 #include <torch/nn/utils/clip_grad.h>
 #include <torch/optim/adamw.h>
@@ -50,6 +51,7 @@
 #include "qlora/trainer/json.h"
 #include "qlora/trainer/llama.h"
 #include "qlora/trainer/memory.h"
+#include "qlora/trainer/profile.h"
 #include "qlora/trainer/safetensors.h"
 
 namespace qlora::train {
@@ -678,7 +680,16 @@ RunResult run(const TrainConfig& c, const RunOptions& options) {
     int64_t tokens_this_run = 0;
     const int64_t first_step = st.step;
     double last_eval = std::nan("");
+    std::unique_ptr<trainer::StepProfiler> profiler;
+    if (!options.profile_dir.empty()) { // from the second step of this run if there is one (the first touches memory)
+        profiler = std::make_unique<trainer::StepProfiler>(
+            options.profile_dir, first_step + (total_steps - first_step >= 2 ? 2 : 1), options.profile_steps
+        );
+    }
     while (st.step < total_steps) {
+        if (profiler) {
+            profiler->begin(st.step + 1);
+        }
         // Gather the step's micro-batches (the data position moves only when the step completes).
         Position pos = st.pos;
         std::vector<data::Batch> batches;
@@ -700,8 +711,13 @@ RunResult run(const TrainConfig& c, const RunOptions& options) {
         double step_loss = 0.0;
         int64_t step_tokens = 0;
         for (const auto& b : batches) {
-            auto [loss, n] = loss_sum(m, b);
-            const double v = loss.item<double>();
+            at::Tensor loss;
+            double v = 0.0;
+            {
+                RECORD_USER_SCOPE("qlora.forward");
+                loss = loss_sum(m, b).first;
+                v = loss.item<double>();
+            }
             if (!std::isfinite(v)) {
                 fail(
                     "step " + std::to_string(st.step + 1) + ": the loss is " + std::to_string(v) +
@@ -711,11 +727,13 @@ RunResult run(const TrainConfig& c, const RunOptions& options) {
             step_loss += v;
             step_tokens += b.tokens;
             if (n_targets > 0) {
+                RECORD_USER_SCOPE("qlora.backward");
                 (loss / static_cast<double>(n_targets)).backward();
             }
         }
         double grad_norm = 0.0;
         {
+            RECORD_USER_SCOPE("qlora.optimizer"); // the gradient norm (clipping), the step and zero_grad
             std::vector<at::Tensor> grads;
             for (const auto& p : trainable) {
                 if (p.grad().defined()) {
@@ -738,9 +756,15 @@ RunResult run(const TrainConfig& c, const RunOptions& options) {
                 ": the gradient norm is not finite; stopping without saving (the last checkpoint, if any, is intact)"
             );
         }
-        opt.opt->step();
-        opt.opt->zero_grad();
+        {
+            RECORD_USER_SCOPE("qlora.optimizer");
+            opt.opt->step();
+            opt.opt->zero_grad();
+        }
         ++st.step;
+        if (profiler) {
+            profiler->end(st.step, step_tokens);
+        }
         st.pos = pos;
         st.tokens_seen += step_tokens;
         st.trained_tokens_seen += n_targets;

@@ -176,6 +176,14 @@ int main(int argc, char** argv) {
         sub->add_option("config", config_path, "YAML config file")->required()->check(CLI::ExistingFile);
         sub->add_option("overrides", overrides, "key=value overrides of config keys (dotted for nested keys)");
     }
+    std::string profile_dir;
+    int64_t profile_steps = 2;
+    train->add_option(
+        "--profile", profile_dir,
+        "Profile steps with PyTorch's profiler: DIR/trace.json (Chrome trace) and DIR/ops.json (self time per op)"
+    );
+    train->add_option("--profile-steps", profile_steps, "How many steps to profile, from the second")
+        ->check(CLI::PositiveNumber);
     CLI::App* gen = app.add_subcommand("generate", "Generate text from a model, optionally with a LoRA adapter");
     std::string g_model, g_tokenizer, g_prompt, g_alpaca, g_input;
     qlora::llama::GenerateOptions g_opt;
@@ -456,6 +464,8 @@ int main(int argc, char** argv) {
             qlora::train::RunOptions opt;
             opt.progress_bar = ::isatty(STDERR_FILENO) != 0;
             opt.stop = &g_stop;
+            opt.profile_dir = profile_dir;
+            opt.profile_steps = profile_steps;
             const qlora::train::RunResult r = qlora::train::run(c, opt);
             return r.interrupted ? 130 : 0;
         }

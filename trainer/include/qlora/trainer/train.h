@@ -26,6 +26,8 @@ double lr_at(Schedule s, double base_lr, int64_t step, int64_t warmup, int64_t t
 struct RunOptions {
     bool progress_bar = false;               // redraw one status line (a terminal) instead of printing log lines
     const std::atomic<bool>* stop = nullptr; // set by SIGINT/SIGTERM: finish the current step, checkpoint, return
+    std::string profile_dir;                 // non-empty: profile steps into it (qlora/trainer/profile.h)
+    int64_t profile_steps = 2;               // how many steps, from the run's second step (its first if only one)
 };
 
 struct RunResult {
