@@ -10,7 +10,9 @@ Validation before the numbers count: the run's loss is finite at every step and 
 up to 512 tokens (the bundled KJV verse instructions, tokenized with the bundled 2,048-piece tokenizer, whose ids are
 valid in the 32,000-entry vocabulary; whole examples are packed, so a row holds about 450 tokens). Reported: seconds
 per step (the first step apart: it includes the first touch of every page), tokens/s, the peak RSS of the training process (VmHWM, from metrics.jsonl) against the goal of
-6 GB, and `qlora estimate` for the same config. The model directory is reused when present (about 3.9 GB).
+6 GB, `qlora estimate` for the same config, and the fraction of the 6·P FLOP-per-token roofline reached (the bfloat16
+GEMM rate measured at the model's shapes, as in bench_train.py). The model directory is reused when present (about
+3.9 GB).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch  # noqa: E402
 
 import qlora  # noqa: E402,F401  (registers torch.ops.qlora for machine())
 from bench_nf4_quant import machine  # noqa: E402
+from bench_train import gemm_rate  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QLORA = os.path.join(REPO, "build", "bin", "qlora")
@@ -86,6 +89,8 @@ save_steps: 100000
 num_threads: {args.threads}
 output_dir: {run}
 """)
+    rate = gemm_rate(LLAMA2_7B, torch.bfloat16, args.threads)  # before training: its own process, its own memory
+    print(f"GEMM bf16, {args.threads} threads, 7B shapes: {rate['flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
     est = subprocess.run([QLORA, "estimate", config], check=True, capture_output=True, text=True).stdout
     print(est)
     estimate_mib = float(next(x for x in est.splitlines() if "total" in x).split()[0])
@@ -118,7 +123,11 @@ output_dir: {run}
         "estimate_total_mib": estimate_mib,
         "estimate_vs_measured": estimate_mib * 2**20 / peak,
         "losses": [s["loss"] for s in steps],
+        "gemm_gflops": rate["flops_per_s"] / 1e9,
+        "matmul_parameters": rate["matmul_parameters"],
     }
+    result["roofline_tokens_per_second"] = rate["flops_per_s"] / (6 * rate["matmul_parameters"])
+    result["roofline_fraction"] = result["tokens_per_second"] / result["roofline_tokens_per_second"]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -1,4 +1,5 @@
-"""Regenerates the benchmark tables in README.md from bench/results/*.json (between <!-- bench:NAME --> markers).
+"""Regenerates the benchmark tables in README.md from bench/results/*.json (between <!-- bench:NAME --> markers), and
+the chart bench/results/train.png (matplotlib).
 
     .venv/bin/python bench/report.py
 """
@@ -128,6 +129,8 @@ def train_7b_table(doc: dict) -> str:
     m, r = doc["machine"], doc["run"]
     gib = 2**30
     init = f"{doc['init_seconds']:.0f} s" if doc.get("init_seconds") else "reused"
+    roofline = (f"{100 * doc['roofline_fraction']:.0f}% (of {doc['roofline_tokens_per_second']:.1f} at "
+                f"{doc['gemm_gflops']:.0f} GFLOP/s)" if "roofline_fraction" in doc else "not measured")
     return "\n".join([
         f"Machine: {m['cpu']}, {m['cores']} cores, CPU kernels {m['qlora_cpu_isa']}, torch {m['torch']}. Llama-2-7B shape "
         f"({doc['model']['parameters'] / 1e9:.2f} B parameters, random weights, NF4 file "
@@ -135,42 +138,105 @@ def train_7b_table(doc: dict) -> str:
         f"{r['sequence_len']} (packed), micro-batch {r['micro_batch_size']}, activation checkpointing, "
         f"{r['compute_dtype']} compute, paged 8-bit AdamW, {r['threads']} threads, {r['steps']} steps.",
         "",
-        "| `qlora init --nf4` | first step | seconds per later step | tokens/s | peak RSS (VmHWM) | goal ≤ 6 GB | "
-        "`qlora estimate` | estimate / measured |",
-        "|---|---|---|---|---|---|---|---|",
+        "| `qlora init --nf4` | first step | seconds per later step | tokens/s | of 6·P roofline | peak RSS (VmHWM) | "
+        "goal ≤ 6 GB | `qlora estimate` | estimate / measured |",
+        "|---|---|---|---|---|---|---|---|---|",
         f"| {init} | {doc['first_step_seconds']:.0f} s | {doc['seconds_per_step']:.0f} s | "
-        f"{doc['tokens_per_second']:.2f} | {doc['peak_rss_bytes'] / 1e9:.2f} GB ({doc['peak_rss_bytes'] / gib:.2f} GiB) | "
+        f"{doc['tokens_per_second']:.2f} | {roofline} | "
+        f"{doc['peak_rss_bytes'] / 1e9:.2f} GB ({doc['peak_rss_bytes'] / gib:.2f} GiB) | "
         f"{'met' if doc['goal_met'] else 'MISSED'} | {doc['estimate_total_mib'] / 1024:.2f} GiB | "
         f"{doc['estimate_vs_measured']:.2f} |",
     ])
 
 
+TRAIN_SYSTEMS = {"qlora_train": "`qlora train`", "transformers_peft_bnb": "transformers + PEFT + bitsandbytes",
+                 "transformers_qlora_nn": "transformers + `qlora.nn`"}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
 def train_table(doc: dict) -> str:
     m, md = doc["machine"], doc["model"]
-    names = {"qlora_train": "`qlora train`", "transformers_peft_bnb": "transformers + PEFT + bitsandbytes",
-             "transformers_qlora_nn": "transformers + `qlora.nn`"}
+    gemm = ", ".join(f"{DTYPE_NAMES[k.split('-')[0]]} {k.split('-')[1]} thread{'s' if k.split('-')[1] != '1' else ''} "
+                     f"{v['gflops']:.0f}" for k, v in doc["gemm"].items())
+    p = next(iter(doc["gemm"].values()))["matmul_parameters"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, CPU kernels {m['qlora_cpu_isa']}, torch {m['torch']}, bitsandbytes "
         f"{m['bitsandbytes']}. Model: {md['parameters'] / 1e6:.0f} M parameters (hidden {md['hidden_size']}, "
         f"{md['num_hidden_layers']} layers, GQA {md['num_attention_heads']}/{md['num_key_value_heads']}, vocabulary "
-        f"{md['vocab_size']}), QLoRA r 16 on all projections, float32, sequence 512, micro-batch 1, paged 8-bit AdamW, "
-        f"{doc['steps']} steps; ×N = ratio to transformers + PEFT + bitsandbytes in the same case.",
+        f"{md['vocab_size']}), QLoRA r 16 on all projections, sequence 512, micro-batch 1, paged 8-bit AdamW, "
+        f"{doc['steps']} steps; ×N = ratio to transformers + PEFT + bitsandbytes in the same case. Roofline: "
+        f"R / 6P tokens/s with P = {p / 1e6:.1f} M matmul parameters and R the GEMM rate measured at the model's "
+        f"shapes (GFLOP/s: {gemm}).",
         "",
-        "| threads | checkpointing | system | tokens/s | peak RSS | loss, last 3 steps |",
-        "|---|---|---|---|---|---|",
+        "| compute | threads | checkpointing | system | tokens/s | of roofline | peak RSS | loss, last 3 steps |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in doc["cases"]:
         for key, s in c["systems"].items():
             lines.append(
-                f"| {c['threads']} | {'on' if c['gradient_checkpointing'] else 'off'} | {names[key]} | "
-                f"{s['tokens_per_second']:.0f} (×{s['tokens_per_second_vs_bnb']:.2f}) | "
+                f"| {c['dtype']} | {c['threads']} | {'on' if c['gradient_checkpointing'] else 'off'} | "
+                f"{TRAIN_SYSTEMS[key]} | {s['tokens_per_second']:.0f} (×{s['tokens_per_second_vs_bnb']:.2f}) | "
+                f"{100 * s['roofline_fraction']:.0f}% | "
                 f"{s['peak_rss_bytes'] / 2**30:.2f} GiB (×{s['peak_rss_vs_bnb']:.2f}) | {s['final_loss']:.3f} |"
             )
+    lines += ["", "![tokens/s and peak RSS per system](bench/results/train.png)", ""]
+    order = ["matmul", "attention", "loss", "qlora", "optimizer", "other", "outside_ops"]
+    heads = {"qlora": "qlora NF4 ops", "optimizer": "optimizer ops", "outside_ops": "outside any op",
+             "loss": "loss (vocabulary log-softmax)"}
+    lines += [
+        "Where `qlora train`'s step goes (`qlora train --profile`, 1 thread, checkpointing on, steps 2–3; self time "
+        "of the operators by category, as a share of the steps' wall time):",
+        "",
+        "| compute | phase: forward | backward (with recompute) | optimizer step | "
+        + " | ".join(heads.get(k, k) for k in order) + " | top operators |",
+        "|---|---|---|---|" + "---|" * len(order) + "---|",
+    ]
+    for dtype, pr in doc["profiles"].items():
+        top = ", ".join(f"{o['name']} {100 * o['self_share']:.0f}%" for o in pr["top_ops"][:4])
+        lines.append(
+            f"| {dtype} | {100 * pr['phases']['forward']:.0f}% | {100 * pr['phases']['backward']:.0f}% | "
+            f"{100 * pr['phases']['optimizer']:.1f}% | "
+            + " | ".join(f"{100 * pr['categories'].get(k, 0.0):.1f}%" for k in order) + f" | {top} |"
+        )
     return "\n".join(lines)
+
+
+def train_chart(doc: dict, path: str) -> None:
+    """bench/results/train.png: tokens/s (with each case's roofline) and peak RSS, a bar per system and case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = doc["cases"]
+    labels = [f"{c['dtype']}\n{c['threads']}t, ckpt {'on' if c['gradient_checkpointing'] else 'off'}" for c in cases]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.8))
+    width = 0.8 / len(TRAIN_SYSTEMS)
+    for ax, key, title, scale in ((axes[0], "tokens_per_second", "tokens/s (higher is better)", 1.0),
+                                  (axes[1], "peak_rss_bytes", "peak RSS, GiB (lower is better)", 2.0 ** -30)):
+        for k, (sys_key, name) in enumerate(TRAIN_SYSTEMS.items()):
+            xs = [i + (k - (len(TRAIN_SYSTEMS) - 1) / 2) * width for i in range(len(cases))]
+            ax.bar(xs, [c["systems"][sys_key][key] * scale for c in cases], width, label=name.replace("`", ""))
+        if key == "tokens_per_second":
+            for i, c in enumerate(cases):
+                ax.hlines(c["roofline_tokens_per_second"], i - 0.45, i + 0.45, colors="black", linestyles="dashed",
+                          label="6·P roofline" if i == 0 else None)
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8, loc="upper left")
+    m = doc["machine"]
+    fig.suptitle(f"QLoRA training, {doc['model']['parameters'] / 1e6:.0f} M-parameter Llama, sequence 512, "
+                 f"r 16 ({m['cpu']}, {m['cores']} cores, torch {m['torch']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 TABLES = {"nf4_quant": nf4_quant_table, "nf4_linear": nf4_linear_table, "adamw": adamw_table, "load": load_table,
           "train_7b": train_7b_table, "train": train_table}
+CHARTS = {"train": train_chart}
 
 
 def main() -> None:
@@ -181,7 +247,10 @@ def main() -> None:
         if not os.path.exists(path):
             continue
         with open(path) as fh:
-            table = render(json.load(fh))
+            doc = json.load(fh)
+        table = render(doc)
+        if name in CHARTS:
+            CHARTS[name](doc, os.path.join(HERE, "results", f"{name}.png"))
         pattern = re.compile(rf"(<!-- bench:{name} -->\n)(?:.*?\n)?(<!-- /bench:{name} -->)", re.S)
         if not pattern.search(text):
             raise SystemExit(f"README.md has no <!-- bench:{name} --> ... <!-- /bench:{name} --> block")

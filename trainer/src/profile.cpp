@@ -54,8 +54,11 @@ std::string op_category(const std::string& name) {
     if (matmul.count(name) != 0) {
         return "matmul";
     }
-    if (contains(name, "attention") || contains(name, "softmax")) {
+    if (contains(name, "attention")) {
         return "attention";
+    }
+    if (contains(name, "log_softmax") || contains(name, "nll_loss") || contains(name, "cross_entropy")) {
+        return "loss"; // over the vocabulary, in float32
     }
     return "other";
 }

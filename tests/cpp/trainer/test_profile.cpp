@@ -75,7 +75,8 @@ TEST(ProfileTest, Categories) {
     EXPECT_EQ(op_category("aten::mm"), "matmul");
     EXPECT_EQ(op_category("aten::addmm"), "matmul");
     EXPECT_EQ(op_category("aten::_scaled_dot_product_flash_attention_for_cpu"), "attention");
-    EXPECT_EQ(op_category("aten::_softmax"), "attention");
+    EXPECT_EQ(op_category("aten::_log_softmax_backward_data"), "loss");
+    EXPECT_EQ(op_category("aten::nll_loss_forward"), "loss");
     EXPECT_EQ(op_category("qlora::nf4_linear"), "qlora");
     EXPECT_EQ(op_category("qlora::adamw8bit_step"), "optimizer");
     EXPECT_EQ(op_category("qlora.forward"), "user");

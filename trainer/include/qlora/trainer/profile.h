@@ -2,7 +2,7 @@
 // optimizer steps with PyTorch's profiler (Kineto, CPU operators) and writes
 //   DIR/trace.json  a Chrome trace of every operator (chrome://tracing or https://ui.perfetto.dev),
 //   DIR/ops.json    per operator: calls, self and total time, and the share of the profiled steps' wall time,
-//                   plus the same summed by category (matmul, qlora ops, attention, optimizer, elementwise/other),
+//                   plus the same summed by category (matmul, attention, loss, qlora ops, optimizer, other),
 // and prints the top operators by self time.
 //
 // Self time is an operator's time minus that of the operators it called (ops nest on a thread: a child starts and
@@ -35,7 +35,8 @@ struct OpTime {
 // Operators by self time, largest first (see the header comment). Events need not be sorted.
 std::vector<OpTime> self_times(std::vector<OpEvent> events);
 
-// "matmul", "qlora", "attention", "optimizer", "user" (this program's own scopes) or "other", from the name.
+// "matmul", "attention", "loss" (log-softmax / NLL over the vocabulary), "qlora" (qlora's NF4 ops), "optimizer",
+// "user" (this program's own scopes: qlora.forward, ...) or "other", from the name.
 std::string op_category(const std::string& name);
 
 // Profiles steps [first, first + count) of a run (1-based step numbers). Calls: begin(step) before a step's
