@@ -41,4 +41,15 @@ macro(qlora_find_torch)
     set(CMAKE_CUDA_STANDARD_REQUIRED ON)
   endif()
   find_package(Torch REQUIRED)
+  # qlora::torch_cpu: LibTorch without its CUDA half (torch_cpu + c10, torch's headers and ABI flags). The `torch`
+  # target also links libtorch_cuda, and loading that costs a process about 270 MB of resident memory before it does
+  # anything (relocations and static initializers of torch_cuda and the CUDA libraries it pulls in), GPU or not.
+  # qlora::ops and the trainer link this; only qlora::ops_cuda links `torch`.
+  if(NOT TARGET qlora::torch_cpu)
+    add_library(qlora::torch_cpu INTERFACE IMPORTED)
+    set_target_properties(qlora::torch_cpu PROPERTIES
+      INTERFACE_INCLUDE_DIRECTORIES "${TORCH_INCLUDE_DIRS}"
+      INTERFACE_COMPILE_OPTIONS "${TORCH_CXX_FLAGS}"
+      INTERFACE_LINK_LIBRARIES "torch_cpu;c10")
+  endif()
 endmacro()

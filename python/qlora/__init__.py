@@ -8,7 +8,8 @@ Importing this package loads the operator library, which registers ``torch.ops.q
 * ``nf4_code``, ``dynamic8_code``, ``cpu_isa``, ``_set_cpu_isa``: tables and CPU-kernel controls.
 
 ``QLORA_LIBRARY=/path/to/libqlora_ops.so`` loads another build of the same operators (for example the CMake one)
-instead of the extension built by ``setup.py``.
+instead of the extension built by ``setup.py``; the CMake build's CUDA kernels, ``libqlora_ops_cuda.so`` beside it,
+are loaded with it when present.
 """
 
 from __future__ import annotations
@@ -37,8 +38,20 @@ def _library_path() -> str:
     return found[0]
 
 
+def _cuda_companion(library: str) -> str | None:
+    """The CMake build keeps the CUDA kernels in libqlora_ops_cuda.so beside libqlora_ops.so (so that CPU programs
+    never load libtorch_cuda); Python's torch loads CUDA anyway, so it is loaded too when present."""
+    if os.path.basename(library) != "libqlora_ops.so":
+        return None
+    companion = os.path.join(os.path.dirname(library), "libqlora_ops_cuda.so")
+    return companion if os.path.isfile(companion) else None
+
+
 LIBRARY_PATH = _library_path()
 torch.ops.load_library(LIBRARY_PATH)
+CUDA_LIBRARY_PATH = _cuda_companion(LIBRARY_PATH)
+if CUDA_LIBRARY_PATH is not None:
+    torch.ops.load_library(CUDA_LIBRARY_PATH)
 
 from . import functional  # noqa: E402
 from . import nn  # noqa: E402

@@ -160,7 +160,7 @@ qlora::llama::LlamaForCausalLM adapter_model(const qlora::llama::MergeOptions& m
 } // namespace
 
 int main(int argc, char** argv) {
-    CLI::App app{"qlora: QLoRA fine-tuning of Llama models (LibTorch, CPU and CUDA)"};
+    CLI::App app{"qlora: QLoRA fine-tuning of Llama models (LibTorch, on the CPU)"};
     app.require_subcommand(1);
     std::string config_path;
     std::vector<std::string> overrides;
