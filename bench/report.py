@@ -154,6 +154,22 @@ TRAIN_SYSTEMS = {"qlora_train": "`qlora train`", "transformers_peft_bnb": "trans
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
+def ideal_tokens_per_second(doc: dict, case: dict) -> float:
+    """An upper bound for any QLoRA implementation of the case: its necessary matmul and attention FLOPs per token
+    at the GEMM rate measured in the same run (see the table text)."""
+    md = doc["model"]
+    h, i, v, n, t = md["hidden_size"], md["intermediate_size"], md["vocab_size"], md["num_hidden_layers"], 512
+    kv = h // md["num_attention_heads"] * md["num_key_value_heads"]
+    p_layers = n * (2 * h * h + 2 * h * kv + 3 * h * i)
+    p_all = p_layers + h * v
+    ckpt = case["gradient_checkpointing"]
+    matmul = 4 * p_all + (2 * p_layers if ckpt else 0)
+    attn_fwd = n * 2 * t * h  # causal: QK^T and PV over t/2 keys on average, 2 FLOP per multiply-add
+    attention = attn_fwd * (3 + (1 if ckpt else 0))  # backward = 2 forwards
+    rate = doc["gemm"][f"{case['dtype']}-{case['threads']}"]["gflops"] * 1e9
+    return rate / (matmul + attention)
+
+
 def train_table(doc: dict) -> str:
     m, md = doc["machine"], doc["model"]
     gemm = ", ".join(f"{DTYPE_NAMES[k.split('-')[0]]} {k.split('-')[1]} thread{'s' if k.split('-')[1] != '1' else ''} "
@@ -179,6 +195,23 @@ def train_table(doc: dict) -> str:
                 f"{100 * s['roofline_fraction']:.0f}% | "
                 f"{s['peak_rss_bytes'] / 2**30:.2f} GiB (×{s['peak_rss_vs_bnb']:.2f}) | {s['final_loss']:.3f} |"
             )
+    lines += [
+        "",
+        "What ×2 would take: the ideal step does only the matmuls QLoRA needs (forward 2P, input gradient 2P, the "
+        "layers' 2P again when checkpointing recomputes them; no weight gradient of the frozen base; LoRA left out) "
+        "and causal attention's FLOPs, all at the measured GEMM rate, and nothing else (no loss, norms, activations "
+        "or optimizer):",
+        "",
+        "| compute | threads | checkpointing | ideal tokens/s | `qlora train` | bitsandbytes | ×2 bitsandbytes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for c in doc["cases"]:
+        ideal = ideal_tokens_per_second(doc, c)
+        q, b = c["systems"]["qlora_train"]["tokens_per_second"], c["systems"]["transformers_peft_bnb"]["tokens_per_second"]
+        lines.append(
+            f"| {c['dtype']} | {c['threads']} | {'on' if c['gradient_checkpointing'] else 'off'} | {ideal:.0f} | "
+            f"{100 * q / ideal:.0f}% of ideal | {100 * b / ideal:.0f}% | {100 * 2 * b / ideal:.0f}% |"
+        )
     lines += ["", "![tokens/s and peak RSS per system](bench/results/train.png)", ""]
     order = ["matmul", "attention", "loss", "qlora", "optimizer", "other", "outside_ops"]
     heads = {"qlora": "qlora NF4 ops", "optimizer": "optimizer ops", "outside_ops": "outside any op",

@@ -161,7 +161,16 @@ void StepProfiler::end(int64_t step, int64_t tokens) {
 }
 
 void StepProfiler::finish() {
-    if (!active_ || done_) {
+    if (done_) {
+        return;
+    }
+    if (!active_) { // the run ended before the window: say so rather than leave no files and no word
+        done_ = true;
+        std::printf(
+            "profile: no step was profiled (the window starts at step %lld); nothing written to %s\n",
+            static_cast<long long>(first_), dir_.c_str()
+        );
+        std::fflush(stdout);
         return;
     }
     done_ = true;

@@ -128,4 +128,19 @@ TEST(ProfileTest, ProfilesExactlyTheWindow) {
     fs::remove_all(dir);
 }
 
+TEST(ProfileTest, ARunThatEndsBeforeTheWindowWritesNothing) {
+    const fs::path dir = fs::temp_directory_path() / ("qlora-profile-none-" + std::to_string(::getpid()));
+    fs::remove_all(dir);
+    {
+        qlora::trainer::StepProfiler p(dir.string(), /*first=*/5, /*count=*/1);
+        p.begin(1);
+        p.end(1, 10);
+        p.finish();
+        p.finish(); // idempotent
+    }
+    EXPECT_FALSE(fs::exists(dir / "ops.json"));
+    EXPECT_FALSE(fs::exists(dir / "trace.json"));
+    fs::remove_all(dir);
+}
+
 } // namespace
