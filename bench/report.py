@@ -118,8 +118,8 @@ def load_table(doc: dict) -> str:
         f"| qlora `load_model` (streaming) | {q['seconds']:.1f} s | {q['peak_rss_bytes'] / gib:.2f} GiB | "
         f"{q['model_bytes'] / gib:.2f} GiB (NF4 {q['nf4_bytes'] / gib:.2f} + dense {q['dense_bytes'] / gib:.2f}) | "
         f"{q['budget_bytes'] / gib:.2f} GiB: {'met' if doc['goal_met'] else 'MISSED'} "
-        f"(of the peak, {q['rss_before_load_bytes'] / gib:.2f} GiB is the process before loading: LibTorch's CUDA "
-        "build) |",
+        f"(of the peak, {q['rss_before_load_bytes'] / gib:.2f} GiB is the process before loading: LibTorch's CPU "
+        "libraries) |",
         f"| transformers + bitsandbytes `from_pretrained` | {t['seconds']:.1f} s (×{t['ratio_seconds_to_qlora']:.1f}) | "
         f"{t['peak_rss_bytes'] / gib:.2f} GiB (×{t['ratio_peak_rss_to_qlora']:.1f}) | | |",
     ])
