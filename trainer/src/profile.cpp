@@ -148,16 +148,18 @@ void StepProfiler::begin(int64_t step) {
     t0_ns_ = now_ns();
 }
 
-void StepProfiler::end(int64_t step, int64_t tokens) {
+double StepProfiler::end(int64_t step, int64_t tokens) {
     if (!active_ || step < first_ || step >= first_ + count_) {
-        return;
+        return 0.0;
     }
-    wall_s_ += static_cast<double>(now_ns() - t0_ns_) * 1e-9;
+    const uint64_t t1 = now_ns();
+    wall_s_ += static_cast<double>(t1 - t0_ns_) * 1e-9;
     steps_ += 1;
     tokens_ += tokens;
     if (step == first_ + count_ - 1) {
         finish();
     }
+    return static_cast<double>(now_ns() - t1) * 1e-9;
 }
 
 void StepProfiler::finish() {

@@ -681,6 +681,7 @@ RunResult run(const TrainConfig& c, const RunOptions& options) {
     const int64_t first_step = st.step;
     double last_eval = std::nan("");
     std::unique_ptr<trainer::StepProfiler> profiler;
+    double profiler_s = 0.0;            // writing the profile's files: left out of elapsed time and tokens/s
     if (!options.profile_dir.empty()) { // from the second step of this run if there is one (the first touches memory)
         profiler = std::make_unique<trainer::StepProfiler>(
             options.profile_dir, first_step + (total_steps - first_step >= 2 ? 2 : 1), options.profile_steps
@@ -763,7 +764,7 @@ RunResult run(const TrainConfig& c, const RunOptions& options) {
         }
         ++st.step;
         if (profiler) {
-            profiler->end(st.step, step_tokens);
+            profiler_s += profiler->end(st.step, step_tokens);
         }
         st.pos = pos;
         st.tokens_seen += step_tokens;
@@ -773,7 +774,8 @@ RunResult run(const TrainConfig& c, const RunOptions& options) {
         result.final_loss = loss;
         result.steps_done = st.step;
 
-        const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count();
+        const double elapsed =
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count() - profiler_s;
         const double tps = elapsed > 0 ? static_cast<double>(tokens_this_run) / elapsed : 0.0;
         const double eta =
             elapsed / static_cast<double>(st.step - first_step) * static_cast<double>(total_steps - st.step);

@@ -89,6 +89,7 @@ TEST(ProfileTest, ProfilesExactlyTheWindow) {
     const at::Tensor a = at::randn({64, 64});
     {
         qlora::trainer::StepProfiler p(dir.string(), /*first=*/2, /*count=*/2);
+        std::vector<double> spent;
         for (int64_t step = 1; step <= 4; ++step) {
             p.begin(step);
             {
@@ -97,8 +98,12 @@ TEST(ProfileTest, ProfilesExactlyTheWindow) {
                     (void)at::mm(a, a);
                 }
             }
-            p.end(step, 100);
+            spent.push_back(p.end(step, 100));
         }
+        EXPECT_EQ(spent[0], 0.0); // outside the window: nothing done
+        EXPECT_EQ(spent[3], 0.0);
+        EXPECT_GT(spent[2], 0.0);                  // the window's last step wrote the files
+        EXPECT_GT(spent[2], spent[1]);             // and that took longer than closing an ordinary step
         EXPECT_TRUE(fs::exists(dir / "ops.json")); // written when the window closed, before the destructor
     }
     std::ifstream f(dir / "ops.json");

@@ -40,7 +40,9 @@ std::vector<OpTime> self_times(std::vector<OpEvent> events);
 std::string op_category(const std::string& name);
 
 // Profiles steps [first, first + count) of a run (1-based step numbers). Calls: begin(step) before a step's
-// work, end(step, tokens) after it; both do nothing outside the window. The files are written when the last profiled
+// work, end(step, tokens) after it; both do nothing outside the window. The profiled steps themselves run a little
+// slower (an event per operator call); the time spent writing the files is returned by end() so that the training
+// loop can leave it out of its tokens/s. The files are written when the last profiled
 // step ends or, if the run stops earlier, by finish() (also called by the destructor).
 class StepProfiler {
   public:
@@ -50,7 +52,7 @@ class StepProfiler {
     StepProfiler& operator=(const StepProfiler&) = delete;
 
     void begin(int64_t step);
-    void end(int64_t step, int64_t tokens);
+    double end(int64_t step, int64_t tokens); // seconds it spent (writing the files), for the caller's clock
     void finish();
 
   private:
