@@ -203,6 +203,17 @@ def test_bad_inputs_stop_before_training(qlora_bin, base, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "[masked]" in r.stdout and "-> 2" in r.stdout  # prompt masked, the EOS (id 2) trained
+    # --profile: a directory that cannot be made, and a step count that is not a whole number >= 1, stop at once.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    r = subprocess.run([qlora_bin, "train", str(write_config(tmp_path, base)), "--profile", str(blocker / "prof")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and f"--profile {blocker / 'prof'}: cannot create the directory" in r.stderr
+    assert r.stderr.count("\n") == 1 and "qlora train:" not in r.stdout  # before the model loads
+    for bad_steps in ("0", "1.5", "x"):
+        r = subprocess.run([qlora_bin, "train", str(write_config(tmp_path, base)), "--profile", str(tmp_path / "p"),
+                            "--profile-steps", bad_steps], capture_output=True, text=True)
+        assert r.returncode != 0 and f"expected a whole number >= 1, got '{bad_steps}'" in r.stderr
 
 
 def test_bundled_tiny_finetune_reaches_its_loss_band(qlora_bin, tmp_path):

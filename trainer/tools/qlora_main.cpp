@@ -50,6 +50,24 @@ namespace {
 
 std::atomic<bool> g_stop{false};
 
+// A whole number >= 1 (CLI11's PositiveNumber accepts 0.5 and prints its range as 0 to 1.8e308).
+const CLI::Validator kPositiveInt(
+    [](std::string& v) -> std::string {
+        size_t used = 0;
+        long long n = 0;
+        try {
+            n = std::stoll(v, &used);
+        } catch (const std::exception&) {
+            used = 0;
+        }
+        if (used != v.size() || v.empty() || n < 1) {
+            return "expected a whole number >= 1, got '" + v + "'";
+        }
+        return "";
+    },
+    "INT>=1"
+);
+
 void on_signal(int) {
     g_stop.store(true);
     // A second signal ends the process at once (the default action).
@@ -183,7 +201,7 @@ int main(int argc, char** argv) {
         "Profile steps with PyTorch's profiler: DIR/trace.json (Chrome trace) and DIR/ops.json (self time per op)"
     );
     train->add_option("--profile-steps", profile_steps, "How many steps to profile, from the second")
-        ->check(CLI::PositiveNumber);
+        ->check(kPositiveInt);
     CLI::App* gen = app.add_subcommand("generate", "Generate text from a model, optionally with a LoRA adapter");
     std::string g_model, g_tokenizer, g_prompt, g_alpaca, g_input;
     qlora::llama::GenerateOptions g_opt;
@@ -206,8 +224,7 @@ int main(int argc, char** argv) {
     gen->add_option("--prompt", g_prompt, "Raw prompt text (BOS is prepended)");
     gen->add_option("--alpaca", g_alpaca, "An instruction, formatted with the Alpaca prompt template");
     gen->add_option("--input", g_input, "The Alpaca input field (with --alpaca)");
-    gen->add_option("--max-new-tokens", g_opt.max_new_tokens, "Stop after this many new tokens")
-        ->check(CLI::PositiveNumber);
+    gen->add_option("--max-new-tokens", g_opt.max_new_tokens, "Stop after this many new tokens")->check(kPositiveInt);
     gen->add_option("--temperature", g_opt.temperature, "0 = greedy");
     gen->add_option("--top-k", g_opt.top_k, "Sample from the k most likely tokens (0 = all)");
     gen->add_option("--top-p", g_opt.top_p, "Nucleus sampling mass");
@@ -257,7 +274,7 @@ int main(int argc, char** argv) {
     std::string dump;
     pre->add_option("--dump", dump, "Write every tokenized example as JSONL (input_ids, labels) to this file");
     pre->add_flag("--debug", debug, "Print examples token by token with their labels (masked tokens marked)");
-    pre->add_option("-n,--examples", show, "How many examples per dataset --debug prints")->check(CLI::PositiveNumber);
+    pre->add_option("-n,--examples", show, "How many examples per dataset --debug prints")->check(kPositiveInt);
     CLI11_PARSE(app, argc, argv);
 
     try {
@@ -459,6 +476,17 @@ int main(int argc, char** argv) {
         }
         const qlora::config::TrainConfig c = qlora::config::load(config_path, overrides);
         if (*train) {
+            if (!profile_dir.empty()) { // before the model loads: a bad directory is found at once
+                std::error_code ec;
+                std::filesystem::create_directories(profile_dir, ec);
+                if (ec) {
+                    std::fprintf(
+                        stderr, "qlora: --profile %s: cannot create the directory (%s)\n", profile_dir.c_str(),
+                        ec.message().c_str()
+                    );
+                    return 1;
+                }
+            }
             std::signal(SIGINT, on_signal);
             std::signal(SIGTERM, on_signal);
             qlora::train::RunOptions opt;
