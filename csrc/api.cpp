@@ -88,6 +88,18 @@ at::Tensor linear(
     );
 }
 
+std::tuple<at::Tensor, at::Tensor> causal_attention(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& segment_ids,
+    std::optional<double> scale
+) {
+    using Opt = std::optional<at::Tensor>;
+    using Sig = std::tuple<
+        at::Tensor,
+        at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, std::optional<double>);
+    static const auto op = op_handle<Sig>("qlora::causal_attention");
+    return op.call(q, k, v, segment_ids, scale);
+}
+
 void adamw8bit_step(
     at::Tensor& param, const at::Tensor& grad, at::Tensor& state1, at::Tensor& state2, at::Tensor& absmax1,
     at::Tensor& absmax2, const at::Tensor& qmap1, const at::Tensor& qmap2, int64_t step, double lr, double beta1,

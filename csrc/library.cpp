@@ -72,6 +72,18 @@ TORCH_LIBRARY(qlora, m) {
           "Tensor? offset, int out_features, int blocksize=64, Tensor? bias=None, Tensor? lora_a=None, "
           "Tensor? lora_b=None, float lora_scale=1.0, Tensor? lora_input=None) -> Tensor");
 
+    // Causal self-attention with grouped-query heads (Note [Causal attention] in core/attention.h; shapes in
+    // attention_checks.h): q [B, H, T, D], k and v [B, KVH, T, D] (H a multiple of KVH, query head h reads key/value
+    // head h / (H / KVH)), float32, bfloat16 or float16 with float32 accumulation. Query i sees keys j <= i, and only
+    // those of its own segment when segment_ids [B, T] is given (packed rows). scale defaults to 1/sqrt(D). Returns
+    // out [B, H, T, D] (stored as [B, T, H, D]) and the float32 log-sum-exp lse [B, H, T] that backward needs;
+    // differentiable in q, k and v (lse is not).
+    m.def("causal_attention(Tensor q, Tensor k, Tensor v, Tensor? segment_ids=None, float? scale=None) -> "
+          "(Tensor out, Tensor lse)");
+    // Its gradients (grad_q with q's shape, grad_k and grad_v with k's) from grad_out and the forward's out and lse.
+    m.def("causal_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+          "Tensor? segment_ids=None, float? scale=None) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
     // One AdamW step of one tensor with 8-bit blockwise states, bitsandbytes' AdamW8bit layout (spec §4.2; Note
     // [AdamW8 update order] in core/adamw.h): param, state1, state2, absmax1 and absmax2 are updated in place (shapes
     // in adamw_checks.h). `step` is t >= 1, counting this update. Non-finite gradient elements reset their moments
@@ -111,6 +123,7 @@ TORCH_LIBRARY_IMPL(qlora, Autograd, m) {
     m.impl("nf4_dequantize_into", torch::autograd::autogradNotImplementedFallback());
     m.impl("nf4_linear", torch::autograd::autogradNotImplementedFallback());
     m.impl("nf4_linear_grad_input", torch::autograd::autogradNotImplementedFallback());
+    m.impl("causal_attention_backward", torch::autograd::autogradNotImplementedFallback()); // no double backward
     // Optimizer steps run under no_grad; the fallback also bumps the version counters of the mutated tensors.
     m.impl("adamw8bit_step", torch::autograd::autogradNotImplementedFallback());
     m.impl("adamw32bit_step", torch::autograd::autogradNotImplementedFallback());

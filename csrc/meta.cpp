@@ -3,9 +3,11 @@
 // checked from metadata alone, with the same messages as the real kernels (nf4_checks.h).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "adamw_checks.h"
+#include "attention_checks.h"
 #include "nf4_checks.h"
 
 namespace qlora {
@@ -109,6 +111,26 @@ at::Tensor paged_zeros_meta(const at::Tensor& like, at::ScalarType dtype) {
 
 void paged_prefetch_meta(const at::Tensor&) {}
 
+std::tuple<at::Tensor, at::Tensor> causal_attention_meta(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& segment_ids,
+    std::optional<double> scale
+) {
+    attention_check_args("qlora::causal_attention", q, k, v, segment_ids, scale);
+    return attention_empty_outputs(q);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_meta(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& segment_ids, std::optional<double> scale
+) {
+    const char* op = "qlora::causal_attention_backward";
+    attention_check_args(op, q, k, v, segment_ids, scale);
+    attention_check_backward_args(op, grad_out, q, out, lse);
+    return {
+        at::empty_like(attention_rowwise(q)), at::empty_like(attention_rowwise(k)),
+        at::empty_like(attention_rowwise(v))};
+}
+
 } // namespace
 
 TORCH_LIBRARY_IMPL(qlora, Meta, m) {
@@ -121,6 +143,8 @@ TORCH_LIBRARY_IMPL(qlora, Meta, m) {
     m.impl("nf4_linear", &nf4_linear_meta);
     m.impl("nf4_linear_grad_input", &nf4_linear_grad_input_meta);
     m.impl("nf4_dequantize_into", &nf4_dequantize_into_meta);
+    m.impl("causal_attention", &causal_attention_meta);
+    m.impl("causal_attention_backward", &causal_attention_backward_meta);
 }
 
 } // namespace qlora

@@ -72,6 +72,18 @@ bool cpu_has_avx512_vbmi() {
 #endif
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__) || defined(__i386__)
+    static const bool has = [] {
+        __builtin_cpu_init();
+        return cpu_isa_supported() == CpuIsa::kAvx512 && __builtin_cpu_supports("avx512bf16");
+    }();
+    return has;
+#else
+    return false;
+#endif
+}
+
 const char* cpu_isa_name(CpuIsa isa) {
     switch (isa) {
     case CpuIsa::kAvx512:

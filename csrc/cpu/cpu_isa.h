@@ -21,6 +21,8 @@ void set_cpu_isa(CpuIsa isa);
 
 // Whether the CPU has AVX-512 VBMI (used inside the kAvx512 kernels where it helps, with a VBMI-free twin).
 bool cpu_has_avx512_vbmi();
+// Whether the CPU has AVX-512 BF16 (VDPBF16PS; used by the kAvx512 bfloat16 attention products).
+bool cpu_has_avx512_bf16();
 
 const char* cpu_isa_name(CpuIsa isa);
 // Parses "scalar", "avx2" or "avx512"; throws c10::Error naming `what` otherwise.

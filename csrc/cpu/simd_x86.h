@@ -21,6 +21,9 @@
 #define QLORA_AVX2 __attribute__((target("avx2,fma,f16c")))
 // AVX-512 plus VBMI (byte permutes across a whole register): Ice Lake and Zen 4 on; check cpu_has_avx512_vbmi().
 #define QLORA_AVX512_VBMI __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,fma,f16c")))
+// AVX-512 plus BF16 (VDPBF16PS: bfloat16 pair products summed into float32): Cooper Lake, Sapphire Rapids, Zen 4 on;
+// check cpu_has_avx512_bf16().
+#define QLORA_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16,fma,f16c")))
 
 namespace qlora::cpu::simd {
 
@@ -80,6 +83,27 @@ QLORA_AVX512 inline __m512 round16(__m512 v, const c10::BFloat16*) {
 }
 QLORA_AVX512 inline __m512 round16(__m512 v, const c10::Half*) {
     return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// e^x on 16 lanes, within 2 ulp of the correctly rounded value for x in [-87, 88]; below about -103.9 it is +0
+// (also for -inf), above 88.7 +inf, NaN stays NaN. x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so n ln2 is
+// exact), e^r by its degree-7 Taylor polynomial (truncation below 2^-27 relative), then scaled by 2^n.
+QLORA_AVX512 inline __m512 exp16(__m512 x) {
+    const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-104.0f)); // keeps r finite for x = -inf; NaN passes through
+    const __m512 n = _mm512_roundscale_ps(
+        _mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC
+    );
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc); // ln2 high part: 16 significant bits
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
 }
 
 // --------------------------------------------------------------------------------------------------------------

@@ -15,16 +15,10 @@
 
 #include "../adamw_checks.h"
 #include "adamw_kernels.cuh"
+#include "cuda_element.h"
 
 namespace qlora::cuda {
 namespace {
-
-// The CUDA element type of an ATen element type (same size and bits).
-template <typename T> struct CudaElement { using type = T; };
-template <> struct CudaElement<c10::BFloat16> { using type = __nv_bfloat16; };
-template <> struct CudaElement<c10::Half> { using type = __half; };
-template <typename T> using cuda_element_t = typename CudaElement<T>::type;
-static_assert(sizeof(__nv_bfloat16) == sizeof(c10::BFloat16) && sizeof(__half) == sizeof(c10::Half), "same storage");
 
 void check_cuda(const at::Tensor& t, const char* op, const char* name) {
     TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());

@@ -56,6 +56,6 @@ if CUDA_LIBRARY_PATH is not None:
 from . import functional  # noqa: E402
 from . import nn  # noqa: E402
 from . import optim  # noqa: E402
-from .functional import NF4Tensor, dequantize_nf4, quantize_nf4  # noqa: E402
+from .functional import NF4Tensor, causal_attention, dequantize_nf4, quantize_nf4  # noqa: E402
 
-__all__ = ["LIBRARY_PATH", "NF4Tensor", "dequantize_nf4", "functional", "nn", "optim", "quantize_nf4"]
+__all__ = ["LIBRARY_PATH", "NF4Tensor", "causal_attention", "dequantize_nf4", "functional", "nn", "optim", "quantize_nf4"]

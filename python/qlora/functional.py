@@ -224,3 +224,22 @@ def linear(
         lora_scale,
         lora_input,
     )
+
+
+def causal_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segment_ids: Optional[torch.Tensor] = None,
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """Causal grouped-query self-attention, ``F.scaled_dot_product_attention(q, repeat_kv(k), repeat_kv(v),
+    is_causal=True)`` without materialising the repeated keys or the attention matrix (torch.ops.qlora.causal_attention).
+
+    q is [batch, heads, tokens, head_dim]; k and v are [batch, kv_heads, tokens, head_dim] with heads a multiple of
+    kv_heads (query head h reads key/value head h // (heads // kv_heads), as transformers' repeat_kv). With
+    ``segment_ids`` [batch, tokens] (int32 or int64), a query sees only earlier keys of its own segment (packed rows).
+    ``scale`` defaults to 1/sqrt(head_dim). Differentiable in q, k and v. The result is stored as [batch, tokens,
+    heads, head_dim], so ``out.transpose(1, 2).reshape(batch, tokens, -1)`` is a view."""
+    out, _ = torch.ops.qlora.causal_attention(q, k, v, segment_ids, scale)
+    return out

@@ -4,11 +4,12 @@
 //
 // Per token and decoder layer, autograd keeps (E hidden, HD = heads x head_dim, KD = kv_heads x head_dim,
 // I intermediate, b the compute dtype's bytes): for each RMSNorm the float32 input and its normalised output
-// (4E + bE); for attention the rotated q and k with their rotate_half terms, the repeated k and v, the attention output
-// and the o_proj input (about b(6 HD + 2 KD)); for the MLP the gate, up, SiLU and product tensors (4 bI); for LoRA the
-// r-wide intermediates of each target and, with dropout, the dropped copy of each target's input. With activation
-// checkpointing only each layer's input (bE) is kept, and one layer is alive at a time while it is recomputed.
-// Backward needs about one more layer's worth of gradient buffers.
+// (4E + bE); for attention the rotated q and k with their rotate_half terms, the attention output (whose [B, T, HD]
+// view is the o_proj input) and its float32 log-sum-exp per head (about b(3 HD + 2 KD) + 4 heads;
+// qlora::causal_attention neither repeats k and v nor keeps the attention matrix); for the MLP the gate, up, SiLU and
+// product tensors (4 bI); for LoRA the r-wide intermediates of each target and, with dropout, the dropped copy of each
+// target's input. With activation checkpointing only each layer's input (bE) is kept, and one layer is alive at a time
+// while it is recomputed. Backward needs about one more layer's worth of gradient buffers.
 #include "qlora/trainer/estimate.h"
 
 #include <algorithm>
@@ -99,8 +100,8 @@ MemoryEstimate estimate_memory(const config::TrainConfig& c) {
         T = std::min(T, longest);
     }
     const int64_t tokens = T * c.micro_batch_size;
-    const int64_t per_layer =
-        2 * (4 * E + b * E) + b * (6 * HD + 2 * KD) + 4 * b * I + b * (lora_inter + dropout_copies);
+    const int64_t per_layer = 2 * (4 * E + b * E) + b * (3 * HD + 2 * KD) + 4 * m.num_attention_heads + 4 * b * I +
+                              b * (lora_inter + dropout_copies);
     const int64_t acts = c.gradient_checkpointing ? tokens * (L * b * E + 2 * per_layer) : tokens * (L + 1) * per_layer;
     const int64_t logits = tokens * V * (4 * 3 + (b == 2 ? 2 : 0));
     MemoryEstimate e;

@@ -159,7 +159,7 @@ AttentionImpl::AttentionImpl(const LlamaConfig& c, Init init)
 }
 
 torch::Tensor AttentionImpl::forward(
-    const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask
+    const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& segments
 ) {
     const int64_t B = x.size(0), T = x.size(1);
     torch::Tensor q = q_proj(x).view({B, T, heads, head_dim}).transpose(1, 2);    // [B, H, T, D]
@@ -167,13 +167,9 @@ torch::Tensor AttentionImpl::forward(
     torch::Tensor v = v_proj(x).view({B, T, kv_heads, head_dim}).transpose(1, 2);
     q = q * cos + rotate_half(q) * sin;
     k = k * cos + rotate_half(k) * sin;
-    if (kv_heads != heads) { // each key/value head serves heads / kv_heads query heads (HF repeat_kv)
-        k = k.repeat_interleave(heads / kv_heads, 1);
-        v = v.repeat_interleave(heads / kv_heads, 1);
-    }
-    const torch::Tensor o = mask.defined()
-                                ? at::scaled_dot_product_attention(q, k, v, mask, 0.0, /*is_causal=*/false)
-                                : at::scaled_dot_product_attention(q, k, v, std::nullopt, 0.0, /*is_causal=*/true);
+    // Key/value head h / (heads / kv_heads) serves query head h (HF repeat_kv) inside the op; o is stored [B, T, H, D].
+    const auto [o, lse] =
+        qlora::causal_attention(q, k, v, segments.defined() ? std::optional<at::Tensor>(segments) : std::nullopt);
     return o_proj(o.transpose(1, 2).reshape({B, T, heads * head_dim}));
 }
 
@@ -228,9 +224,9 @@ DecoderLayerImpl::DecoderLayerImpl(const LlamaConfig& c, Init init) {
 }
 
 torch::Tensor DecoderLayerImpl::forward(
-    const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask
+    const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& segments
 ) {
-    const torch::Tensor h = x + self_attn(input_layernorm(x), cos, sin, mask);
+    const torch::Tensor h = x + self_attn(input_layernorm(x), cos, sin, segments);
     return h + mlp(post_attention_layernorm(h));
 }
 
@@ -258,11 +254,11 @@ namespace {
 class CheckpointBackward : public torch::autograd::Node {
   public:
     CheckpointBackward(
-        DecoderLayer layer, at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor mask, at::Tensor rng_state,
+        DecoderLayer layer, at::Tensor x, at::Tensor cos, at::Tensor sin, at::Tensor segments, at::Tensor rng_state,
         bool x_requires_grad
     )
         : layer_(std::move(layer)), x_(std::move(x)), cos_(std::move(cos)), sin_(std::move(sin)),
-          mask_(std::move(mask)), rng_state_(std::move(rng_state)), x_requires_grad_(x_requires_grad) {}
+          segments_(std::move(segments)), rng_state_(std::move(rng_state)), x_requires_grad_(x_requires_grad) {}
 
     std::string name() const override { return "qlora::llama::CheckpointBackward"; }
 
@@ -275,7 +271,7 @@ class CheckpointBackward : public torch::autograd::Node {
             const at::Tensor now = gen.get_state();
             gen.set_state(rng_state_);
             torch::AutoGradMode grad_mode(true);
-            out = layer_->forward(x, cos_, sin_, mask_);
+            out = layer_->forward(x, cos_, sin_, segments_);
             gen.set_state(now);
         }
         const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(out);
@@ -289,12 +285,12 @@ class CheckpointBackward : public torch::autograd::Node {
         x_.reset();
         cos_.reset();
         sin_.reset();
-        mask_.reset();
+        segments_.reset();
     }
 
   private:
     DecoderLayer layer_;
-    at::Tensor x_, cos_, sin_, mask_, rng_state_;
+    at::Tensor x_, cos_, sin_, segments_, rng_state_;
     bool x_requires_grad_;
 };
 
@@ -308,19 +304,19 @@ bool has_trainable(const torch::nn::Module& m) {
 }
 
 at::Tensor checkpointed_layer(
-    DecoderLayer& layer, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& mask
+    DecoderLayer& layer, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& segments
 ) {
     if (!torch::GradMode::is_enabled() || !(x.requires_grad() || has_trainable(*layer))) {
-        return layer->forward(x, cos, sin, mask);
+        return layer->forward(x, cos, sin, segments);
     }
     const at::Tensor rng_state = at::detail::getDefaultCPUGenerator().get_state();
     at::Tensor out;
     {
         torch::NoGradGuard no_grad;
-        out = layer->forward(x, cos, sin, mask);
+        out = layer->forward(x, cos, sin, segments);
     }
     auto node =
-        c10::make_intrusive<CheckpointBackward>(layer, x.detach(), cos, sin, mask, rng_state, x.requires_grad());
+        c10::make_intrusive<CheckpointBackward>(layer, x.detach(), cos, sin, segments, rng_state, x.requires_grad());
     node->set_next_edges(torch::autograd::collect_next_edges(x));
     torch::autograd::set_history(out, node);
     return out;
@@ -367,20 +363,19 @@ LlamaModelImpl::forward(const torch::Tensor& ids, const torch::Tensor& position_
     const torch::Tensor cos = (emb.cos() * attention_scaling).to(x.scalar_type());
     const torch::Tensor sin = (emb.sin() * attention_scaling).to(x.scalar_type());
     // Packed rows (some row holds a second segment): causal within each segment. Padding (segment 0) attends to
-    // earlier padding, so no attention row is empty (an all-masked row would make NaN, and NaN times a zero
-    // gradient is still NaN). Unpacked rows (segment 1, then padding) need only the causal mask.
-    torch::Tensor mask;
+    // earlier padding, so no attention row is empty (every query sees itself). Unpacked rows (segment 1, then
+    // padding) need only the causal rule.
+    torch::Tensor segments;
     if (segment_ids.defined()) {
         TORCH_CHECK(segment_ids.sizes() == ids.sizes(), "LlamaModel: segment_ids must have the shape of ids");
         if (segment_ids.max().item<int64_t>() > 1) {
-            const torch::Tensor causal = at::ones({T, T}, at::kBool).tril();
-            mask = (segment_ids.unsqueeze(2) == segment_ids.unsqueeze(1)).logical_and(causal).unsqueeze(1);
+            segments = segment_ids.to(at::kInt);
         }
     }
     const bool checkpoint = gradient_checkpointing && is_training();
     for (size_t i = 0; i < layers->size(); ++i) {
         DecoderLayer layer(layers->ptr<DecoderLayerImpl>(i));
-        x = checkpoint ? checkpointed_layer(layer, x, cos, sin, mask) : layer->forward(x, cos, sin, mask);
+        x = checkpoint ? checkpointed_layer(layer, x, cos, sin, segments) : layer->forward(x, cos, sin, segments);
     }
     return norm(x);
 }

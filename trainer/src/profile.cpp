@@ -46,6 +46,9 @@ std::string op_category(const std::string& name) {
     if (starts_with(name, "qlora::adamw") || contains(name, "Optimizer") || contains(name, "optimizer")) {
         return "optimizer";
     }
+    if (contains(name, "attention")) { // qlora::causal_attention(_backward) and aten's SDPA kernels
+        return "attention";
+    }
     if (starts_with(name, "qlora::")) {
         return "qlora";
     }
@@ -53,9 +56,6 @@ std::string op_category(const std::string& name) {
                                                  "aten::addmv", "aten::mv",    "aten::dot"};
     if (matmul.count(name) != 0) {
         return "matmul";
-    }
-    if (contains(name, "attention")) {
-        return "attention";
     }
     if (contains(name, "log_softmax") || contains(name, "nll_loss") || contains(name, "cross_entropy")) {
         return "loss"; // over the vocabulary, in float32

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -50,6 +51,15 @@ at::Tensor linear(
     const at::Tensor& x, const Nf4Tensor& weight, const std::optional<at::Tensor>& bias = std::nullopt,
     const std::optional<at::Tensor>& lora_a = std::nullopt, const std::optional<at::Tensor>& lora_b = std::nullopt,
     double lora_scale = 1.0, const std::optional<at::Tensor>& lora_input = std::nullopt
+);
+
+// qlora::causal_attention: causal grouped-query self-attention, q [B, H, T, D], k and v [B, KVH, T, D], optionally
+// causal within the segments of segment_ids [B, T] (packed rows); scale defaults to 1/sqrt(D). Returns out
+// [B, H, T, D] (stored as [B, T, H, D]) and the float32 log-sum-exp [B, H, T]. Differentiable in q, k and v (C++
+// autograd); memory O(B H T) beyond the inputs and output.
+std::tuple<at::Tensor, at::Tensor> causal_attention(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& segment_ids = std::nullopt, std::optional<double> scale = std::nullopt
 );
 
 // qlora::adamw8bit_step / qlora::adamw32bit_step: one AdamW step of one tensor, in place (shapes and rules:

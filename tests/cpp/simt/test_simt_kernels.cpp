@@ -21,6 +21,7 @@
 #include "simt/simt.h"
 
 #include "cuda/adamw_kernels.cuh"
+#include "cuda/attention_kernels.cuh"
 #include "cuda/nf4_kernels.cuh"
 #include "cuda/nf4_linear_kernels.cuh"
 
@@ -478,6 +479,172 @@ TEST(SimtKernelsTest, Adamw32KernelMatchesCpuBfloat16) {
 }
 TEST(SimtKernelsTest, Adamw32KernelMatchesCpuHalf) {
     check_adamw32_kernel<__half>();
+}
+
+// --------------------------------------------------------------------------------------------------------------
+// Causal attention: the kernels against a float64 evaluation of Note [Causal attention] (core/attention.h). The
+// kernels round differently from any reference (summation order, expf), so the bound is PyTorch's own attention in
+// the same dtype: each result's largest error may be at most twice that of at::scaled_dot_product_attention on the
+// same inputs (plus 1e-6 for float32, whose SDPA error can be near 0 on tiny cases).
+
+struct AttentionCase {
+    int64_t B, H, KVH, T, D;
+    bool segments;
+};
+
+// Segment ids [B, T] int32 with three cuts per row (a packed row of four documents), or undefined.
+at::Tensor attention_segments(int64_t B, int64_t T, bool on) {
+    if (!on) {
+        return at::Tensor();
+    }
+    at::Tensor seg = at::zeros({B, T}, at::kInt);
+    for (int64_t b = 0; b < B; ++b) {
+        for (int64_t cut : {T / 5 + b, T / 2, T - 3}) {
+            seg[b].slice(0, cut).add_(1);
+        }
+    }
+    return seg;
+}
+
+// [B, 1, T, T] boolean mask of the visible keys.
+at::Tensor attention_mask(int64_t B, int64_t T, const at::Tensor& seg) {
+    at::Tensor mask = at::ones({T, T}, at::kBool).tril().expand({B, 1, T, T});
+    if (seg.defined()) {
+        mask = mask.logical_and(seg.unsqueeze(2).eq(seg.unsqueeze(1)).unsqueeze(1));
+    }
+    return mask;
+}
+
+struct AttentionResult {
+    at::Tensor out, lse, dq, dk, dv;
+};
+
+// Reference (float64 math, or SDPA in the input dtype) with gradients for grad_out g.
+AttentionResult attention_reference(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g, const at::Tensor& mask,
+    at::ScalarType dt
+) {
+    const int64_t G = q.size(1) / k.size(1);
+    at::Tensor qr = q.to(dt).detach().set_requires_grad(true), kr = k.to(dt).detach().set_requires_grad(true),
+               vr = v.to(dt).detach().set_requires_grad(true);
+    const at::Tensor ke = kr.repeat_interleave(G, 1), ve = vr.repeat_interleave(G, 1);
+    AttentionResult r;
+    if (dt == at::kDouble) {
+        const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(3)));
+        const at::Tensor s = at::matmul(qr, ke.transpose(-1, -2)).mul(scale).masked_fill(mask.logical_not(), -INFINITY);
+        r.lse = at::logsumexp(s, -1);
+        r.out = at::matmul(at::softmax(s, -1), ve);
+    } else {
+        r.out = at::scaled_dot_product_attention(qr, ke, ve, mask);
+    }
+    r.out.backward(g.to(dt));
+    r.dq = qr.grad();
+    r.dk = kr.grad();
+    r.dv = vr.grad();
+    return r;
+}
+
+double max_error(const at::Tensor& a, const at::Tensor& ref) {
+    return (a.to(at::kDouble) - ref).abs().max().item<double>();
+}
+
+template <typename T> void check_attention_kernels() {
+    const at::ScalarType dt = scalar_type_of<T>();
+    ScheduleScope schedule_scope;
+    const AttentionCase cases[] = {
+        {1, 2, 1, 5, 8, false}, {2, 4, 2, 37, 24, true}, {1, 3, 3, 45, 40, false}, {1, 2, 2, 33, 64, true}};
+    for (const AttentionCase& c : cases) {
+        at::manual_seed(c.T * 31 + c.D);
+        // q in the trainer's layout: a [B, T, H, D] projection viewed as [B, H, T, D].
+        const at::Tensor q = at::randn({c.B, c.T, c.H, c.D}).to(dt).transpose(1, 2);
+        const at::Tensor k = at::randn({c.B, c.KVH, c.T, c.D}).to(dt);
+        const at::Tensor v = at::randn({c.B, c.KVH, c.T, c.D}).to(dt);
+        const at::Tensor g = at::randn({c.B, c.H, c.T, c.D}).to(dt);
+        const at::Tensor seg = attention_segments(c.B, c.T, c.segments);
+        const at::Tensor mask = attention_mask(c.B, c.T, seg);
+        const AttentionResult ref = attention_reference(q, k, v, g, mask, at::kDouble);
+        const AttentionResult low = attention_reference(q, k, v, g, mask, dt);
+        const double slack = dt == at::kFloat ? 1e-6 : 0.0;
+        const auto bound = [&](const at::Tensor& t, const at::Tensor& r) {
+            return 2 * max_error(t, r) + slack;
+        };
+        for (int64_t max_blocks : kMaxBlocks) {
+            for (qlora::simt::Schedule schedule : kSchedules) {
+                qlora::simt::set_schedule(schedule);
+                qlora::simt::set_seed(static_cast<uint64_t>(c.T + max_blocks));
+                at::Tensor out = at::full({c.B, c.T, c.H, c.D}, NAN).to(dt).transpose(1, 2);
+                at::Tensor lse = at::full({c.B, c.H, c.T}, NAN);
+                qlora::core::AttentionFwdParams<T> p{};
+                p.q = static_cast<const T*>(q.const_data_ptr());
+                p.k = static_cast<const T*>(k.const_data_ptr());
+                p.v = static_cast<const T*>(v.const_data_ptr());
+                p.out = static_cast<T*>(out.data_ptr());
+                p.lse = lse.data_ptr<float>();
+                p.segments = seg.defined() ? seg.const_data_ptr<int32_t>() : nullptr;
+                p.q_stride = {q.stride(0), q.stride(1), q.stride(2)};
+                p.k_stride = {k.stride(0), k.stride(1), k.stride(2)};
+                p.v_stride = {v.stride(0), v.stride(1), v.stride(2)};
+                p.out_stride = {out.stride(0), out.stride(1), out.stride(2)};
+                p.batch = c.B;
+                p.heads = c.H;
+                p.kv_heads = c.KVH;
+                p.tokens = c.T;
+                p.head_dim = c.D;
+                p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.D)));
+                cuda::attention_fwd_launch<T>(p, nullptr, max_blocks);
+                const std::string what = std::string(c10::toString(dt)) + " T=" + std::to_string(c.T) +
+                                         " D=" + std::to_string(c.D) + " max_blocks=" + std::to_string(max_blocks) +
+                                         " schedule=" + std::to_string(static_cast<int>(schedule));
+                EXPECT_LE(max_error(out, ref.out), bound(low.out, ref.out)) << what << ": out";
+                // lse is float32 for every dtype: within float32 rounding of log-sum-exp of the dtype's products.
+                EXPECT_LE(max_error(lse, ref.lse), 2 * max_error(low.out, ref.out) + 1e-5) << what << ": lse";
+
+                at::Tensor dq = at::full_like(q, NAN), dk = at::full_like(k, NAN), dv = at::full_like(v, NAN);
+                at::Tensor delta = at::full({c.B, c.H, c.T}, NAN);
+                cuda::AttentionBwdLaunch<T> a{};
+                a.p.grad_out = static_cast<const T*>(g.const_data_ptr());
+                a.p.q = p.q;
+                a.p.k = p.k;
+                a.p.v = p.v;
+                a.p.out = p.out;
+                a.p.lse = p.lse;
+                a.p.segments = p.segments;
+                a.p.dq = static_cast<T*>(dq.data_ptr());
+                a.p.dk = static_cast<T*>(dk.data_ptr());
+                a.p.dv = static_cast<T*>(dv.data_ptr());
+                a.p.grad_out_stride = {g.stride(0), g.stride(1), g.stride(2)};
+                a.p.q_stride = p.q_stride;
+                a.p.k_stride = p.k_stride;
+                a.p.v_stride = p.v_stride;
+                a.p.out_stride = p.out_stride;
+                a.p.dq_stride = {dq.stride(0), dq.stride(1), dq.stride(2)};
+                a.p.dk_stride = {dk.stride(0), dk.stride(1), dk.stride(2)};
+                a.p.dv_stride = {dv.stride(0), dv.stride(1), dv.stride(2)};
+                a.p.batch = c.B;
+                a.p.heads = c.H;
+                a.p.kv_heads = c.KVH;
+                a.p.tokens = c.T;
+                a.p.head_dim = c.D;
+                a.p.scale = p.scale;
+                a.delta = delta.data_ptr<float>();
+                cuda::attention_bwd_dq_launch<T>(a, nullptr, max_blocks);
+                cuda::attention_bwd_dkv_launch<T>(a, nullptr, max_blocks);
+                EXPECT_LE(max_error(dq, ref.dq), bound(low.dq, ref.dq)) << what << ": dq";
+                EXPECT_LE(max_error(dk, ref.dk), bound(low.dk, ref.dk)) << what << ": dk";
+                EXPECT_LE(max_error(dv, ref.dv), bound(low.dv, ref.dv)) << what << ": dv";
+            }
+        }
+    }
+}
+
+TEST(SimtKernelsTest, AttentionKernelsMatchReferenceFloat) {
+    check_attention_kernels<float>();
+}
+TEST(SimtKernelsTest, AttentionKernelsMatchReferenceBfloat16) {
+    check_attention_kernels<__nv_bfloat16>();
+}
+TEST(SimtKernelsTest, AttentionKernelsMatchReferenceHalf) {
+    check_attention_kernels<__half>();
 }
 
 // Every `__global__` function declared under csrc/cuda must be named in this file (so it has a harness test).

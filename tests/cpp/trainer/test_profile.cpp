@@ -78,6 +78,8 @@ TEST(ProfileTest, Categories) {
     EXPECT_EQ(op_category("aten::_log_softmax_backward_data"), "loss");
     EXPECT_EQ(op_category("aten::nll_loss_forward"), "loss");
     EXPECT_EQ(op_category("qlora::nf4_linear"), "qlora");
+    EXPECT_EQ(op_category("qlora::causal_attention"), "attention");
+    EXPECT_EQ(op_category("qlora::causal_attention_backward"), "attention");
     EXPECT_EQ(op_category("qlora::adamw8bit_step"), "optimizer");
     EXPECT_EQ(op_category("qlora.forward"), "user");
     EXPECT_EQ(op_category("aten::add"), "other");

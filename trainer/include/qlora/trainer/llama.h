@@ -8,7 +8,8 @@
 //
 // Math as transformers' eager path: RMSNorm in float32 then cast back and scaled by the weight, rotary embeddings in
 // the split-half convention with cos/sin computed in float32 and cast to the activation dtype, grouped-query
-// attention through at::scaled_dot_product_attention with a causal mask, SwiGLU MLP. Shapes: B batch, T tokens,
+// attention through qlora::causal_attention (causal, or causal within segments for packed rows; generation with a
+// KV cache uses at::scaled_dot_product_attention), SwiGLU MLP. Shapes: B batch, T tokens,
 // E hidden, H heads, K key/value heads, D head_dim, V vocabulary.
 #pragma once
 
@@ -92,10 +93,12 @@ TORCH_MODULE(RMSNorm);
 class AttentionImpl : public torch::nn::Module {
   public:
     explicit AttentionImpl(const LlamaConfig& c, Init init = Init::kRandom);
-    // x [B, T, E]; cos, sin [T, D] or [B, 1, T, D] in x's dtype; mask: undefined (causal) or bool [B, 1, T, T], true
-    // where a query (row) may attend to a key (column).
-    torch::Tensor
-    forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask = {});
+    // x [B, T, E]; cos, sin [T, D] or [B, 1, T, D] in x's dtype; segments: undefined (causal) or integer [B, T]
+    // segment ids (a query attends to earlier keys of its own segment). Attention is qlora::causal_attention: grouped
+    // heads without repeating k and v, and no [T, T] matrix kept for backward.
+    torch::Tensor forward(
+        const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& segments = {}
+    );
     // x [B, T, E] are the tokens at positions past .. past + T - 1 (cos, sin [T, D] for them); their keys and values
     // are written into k_cache, v_cache [B, K, capacity, D] at those positions and each token attends to every cached
     // position up to its own.
@@ -119,8 +122,9 @@ TORCH_MODULE(MLP);
 class DecoderLayerImpl : public torch::nn::Module {
   public:
     explicit DecoderLayerImpl(const LlamaConfig& c, Init init = Init::kRandom);
-    torch::Tensor
-    forward(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& mask = {});
+    torch::Tensor forward(
+        const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, const torch::Tensor& segments = {}
+    );
     torch::Tensor forward_cached(
         const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin, torch::Tensor& k_cache,
         torch::Tensor& v_cache, int64_t past
