@@ -19,6 +19,7 @@
 #include <c10/util/Half.h>
 
 #include "core/adamw.h"
+#include "dtype_visit.h"
 
 namespace qlora {
 
@@ -105,21 +106,6 @@ inline void adamw32_check_args(
     adamw_check_state(op, "exp_avg", exp_avg, at::kFloat, param.sym_numel(), param);
     adamw_check_state(op, "exp_avg_sq", exp_avg_sq, at::kFloat, param.sym_numel(), param);
     adamw_check_hyper(op, step, lr, beta1, beta2, eps, weight_decay);
-}
-
-// Calls f(T{}) with T = float, c10::BFloat16 or c10::Half for a checked parameter dtype.
-template <typename F> void adamw_visit_dtype(at::ScalarType t, F&& f) {
-    switch (t) {
-    case at::kFloat:
-        f(float{});
-        break;
-    case at::kBFloat16:
-        f(c10::BFloat16{});
-        break;
-    default:
-        f(c10::Half{});
-        break;
-    }
 }
 
 // The kernel parameters of checked tensors. T is the kernel's element type for param's dtype: float, c10::BFloat16 /

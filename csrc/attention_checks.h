@@ -18,6 +18,7 @@
 #include <c10/util/Exception.h>
 
 #include "core/attention.h"
+#include "dtype_visit.h"
 
 namespace qlora {
 
@@ -122,6 +123,66 @@ inline at::Tensor attention_segments32(const char* op, const std::optional<at::T
     at::Tensor s32 = s.to(at::kInt).contiguous();
     TORCH_CHECK(s32.to(at::kLong).equal(s), op, ": segment_ids must fit in int32");
     return s32;
+}
+
+// Kernel params over checked tensors (last dimensions contiguous, segments from attention_segments32). E is the
+// kernel's element type for q's dtype: the c10 type on the CPU, the CUDA type (same bits) for the CUDA kernels.
+template <typename E>
+core::AttentionFwdParams<E> attention_fwd_params(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& segments32, at::Tensor& out,
+    at::Tensor& lse, double scale
+) {
+    core::AttentionFwdParams<E> p{};
+    p.q = static_cast<const E*>(q.const_data_ptr());
+    p.k = static_cast<const E*>(k.const_data_ptr());
+    p.v = static_cast<const E*>(v.const_data_ptr());
+    p.out = static_cast<E*>(out.mutable_data_ptr());
+    p.lse = lse.mutable_data_ptr<float>();
+    p.segments = segments32.defined() ? segments32.const_data_ptr<int32_t>() : nullptr;
+    p.q_stride = attention_strides(q);
+    p.k_stride = attention_strides(k);
+    p.v_stride = attention_strides(v);
+    p.out_stride = attention_strides(out);
+    p.batch = q.size(0);
+    p.heads = q.size(1);
+    p.kv_heads = k.size(1);
+    p.tokens = q.size(2);
+    p.head_dim = q.size(3);
+    p.scale = static_cast<float>(scale);
+    return p;
+}
+
+template <typename E>
+core::AttentionBwdParams<E> attention_bwd_params(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& segments32, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, double scale
+) {
+    core::AttentionBwdParams<E> p{};
+    p.grad_out = static_cast<const E*>(grad_out.const_data_ptr());
+    p.q = static_cast<const E*>(q.const_data_ptr());
+    p.k = static_cast<const E*>(k.const_data_ptr());
+    p.v = static_cast<const E*>(v.const_data_ptr());
+    p.out = static_cast<const E*>(out.const_data_ptr());
+    p.lse = lse.const_data_ptr<float>();
+    p.segments = segments32.defined() ? segments32.const_data_ptr<int32_t>() : nullptr;
+    p.dq = static_cast<E*>(dq.mutable_data_ptr());
+    p.dk = static_cast<E*>(dk.mutable_data_ptr());
+    p.dv = static_cast<E*>(dv.mutable_data_ptr());
+    p.grad_out_stride = attention_strides(grad_out);
+    p.q_stride = attention_strides(q);
+    p.k_stride = attention_strides(k);
+    p.v_stride = attention_strides(v);
+    p.out_stride = attention_strides(out);
+    p.dq_stride = attention_strides(dq);
+    p.dk_stride = attention_strides(dk);
+    p.dv_stride = attention_strides(dv);
+    p.batch = q.size(0);
+    p.heads = q.size(1);
+    p.kv_heads = k.size(1);
+    p.tokens = q.size(2);
+    p.head_dim = q.size(3);
+    p.scale = static_cast<float>(scale);
+    return p;
 }
 
 } // namespace qlora

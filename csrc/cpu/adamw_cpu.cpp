@@ -31,7 +31,7 @@ void adamw8bit_step_cpu(
     const std::shared_ptr<const Dynamic8Lut> lut1 = dynamic8_lut(qmap1.const_data_ptr<float>(), /*is_signed=*/true);
     const std::shared_ptr<const Dynamic8Lut> lut2 = dynamic8_lut(qmap2.const_data_ptr<float>(), /*is_signed=*/false);
     const CpuIsa isa = cpu_isa();
-    adamw_visit_dtype(param.scalar_type(), [&](auto tag) {
+    visit_float_dtype(param.scalar_type(), [&](auto tag) {
         using T = decltype(tag);
         const core::Adamw8Params<T> p =
             adamw8_params<T>(param, grad, state1, state2, absmax1, absmax2, qmap1, qmap2, s);
@@ -48,7 +48,7 @@ void adamw32bit_step_cpu(
     adamw32_check_args(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay);
     const core::AdamwScalars s = core::adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
     const CpuIsa isa = cpu_isa();
-    adamw_visit_dtype(param.scalar_type(), [&](auto tag) {
+    visit_float_dtype(param.scalar_type(), [&](auto tag) {
         using T = decltype(tag);
         const core::Adamw32Params<T> p = adamw32_params<T>(param, grad, exp_avg, exp_avg_sq, s);
         at::parallel_for(0, p.n, kElementsPerTask, [&](int64_t i0, int64_t i1) { adamw32_range(isa, p, i0, i1); });

@@ -523,19 +523,6 @@ template <typename T> void attention_backward_cpu(const core::AttentionBwdParams
 // --------------------------------------------------------------------------------------------------------------
 // Ops
 
-template <typename F> void visit_dtype(at::ScalarType dt, const F& f) {
-    switch (dt) {
-    case at::kFloat:
-        f(float{});
-        break;
-    case at::kBFloat16:
-        f(c10::BFloat16{});
-        break;
-    default:
-        f(c10::Half{});
-    }
-}
-
 std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& segment_ids, std::optional<double> scale
@@ -548,26 +535,9 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(
     if (q.numel() == 0) {
         return {out, lse};
     }
-    visit_dtype(q.scalar_type(), [&](auto tag) {
+    visit_float_dtype(q.scalar_type(), [&](auto tag) {
         using T = decltype(tag);
-        core::AttentionFwdParams<T> p{};
-        p.q = q.const_data_ptr<T>();
-        p.k = k.const_data_ptr<T>();
-        p.v = v.const_data_ptr<T>();
-        p.out = out.mutable_data_ptr<T>();
-        p.lse = lse.mutable_data_ptr<float>();
-        p.segments = seg.defined() ? seg.const_data_ptr<int32_t>() : nullptr;
-        p.q_stride = attention_strides(q);
-        p.k_stride = attention_strides(k);
-        p.v_stride = attention_strides(v);
-        p.out_stride = attention_strides(out);
-        p.batch = q.size(0);
-        p.heads = q.size(1);
-        p.kv_heads = k.size(1);
-        p.tokens = q.size(2);
-        p.head_dim = q.size(3);
-        p.scale = static_cast<float>(sc);
-        attention_forward_cpu(p);
+        attention_forward_cpu(attention_fwd_params<T>(q, k, v, seg, out, lse, sc));
     });
     return {out, lse};
 }
@@ -587,34 +557,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
     if (q.numel() == 0) {
         return {dq, dk.zero_(), dv.zero_()};
     }
-    visit_dtype(q.scalar_type(), [&](auto tag) {
+    visit_float_dtype(q.scalar_type(), [&](auto tag) {
         using T = decltype(tag);
-        core::AttentionBwdParams<T> p{};
-        p.grad_out = g.const_data_ptr<T>();
-        p.q = q.const_data_ptr<T>();
-        p.k = k.const_data_ptr<T>();
-        p.v = v.const_data_ptr<T>();
-        p.out = o.const_data_ptr<T>();
-        p.lse = lse.const_data_ptr<float>();
-        p.segments = seg.defined() ? seg.const_data_ptr<int32_t>() : nullptr;
-        p.dq = dq.mutable_data_ptr<T>();
-        p.dk = dk.mutable_data_ptr<T>();
-        p.dv = dv.mutable_data_ptr<T>();
-        p.grad_out_stride = attention_strides(g);
-        p.q_stride = attention_strides(q);
-        p.k_stride = attention_strides(k);
-        p.v_stride = attention_strides(v);
-        p.out_stride = attention_strides(o);
-        p.dq_stride = attention_strides(dq);
-        p.dk_stride = attention_strides(dk);
-        p.dv_stride = attention_strides(dv);
-        p.batch = q.size(0);
-        p.heads = q.size(1);
-        p.kv_heads = k.size(1);
-        p.tokens = q.size(2);
-        p.head_dim = q.size(3);
-        p.scale = static_cast<float>(sc);
-        attention_backward_cpu(p);
+        attention_backward_cpu(attention_bwd_params<T>(g, q, k, v, o, lse, seg, dq, dk, dv, sc));
     });
     return {dq, dk, dv};
 }

@@ -36,7 +36,7 @@ void adamw8bit_step_cuda(
     const c10::cuda::CUDAGuard guard(param.device());
     const core::AdamwScalars s = core::adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    adamw_visit_dtype(param.scalar_type(), [&](auto tag) {
+    visit_float_dtype(param.scalar_type(), [&](auto tag) {
         using T = decltype(tag);
         using E = cuda_element_t<T>;
         adamw8_launch<E>(adamw8_params<E>(param, grad, state1, state2, absmax1, absmax2, qmap1, qmap2, s), stream);
@@ -53,7 +53,7 @@ void adamw32bit_step_cuda(
     const c10::cuda::CUDAGuard guard(param.device());
     const core::AdamwScalars s = core::adamw_scalars(lr, beta1, beta2, eps, weight_decay, step);
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    adamw_visit_dtype(param.scalar_type(), [&](auto tag) {
+    visit_float_dtype(param.scalar_type(), [&](auto tag) {
         using T = decltype(tag);
         using E = cuda_element_t<T>;
         adamw32_launch<E>(adamw32_params<E>(param, grad, exp_avg, exp_avg_sq, s), stream);

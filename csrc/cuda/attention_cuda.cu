@@ -16,19 +16,6 @@
 namespace qlora::cuda {
 namespace {
 
-template <typename F> void visit_dtype(at::ScalarType dt, const F& f) {
-    switch (dt) {
-    case at::kFloat:
-        f(float{});
-        break;
-    case at::kBFloat16:
-        f(c10::BFloat16{});
-        break;
-    default:
-        f(c10::Half{});
-    }
-}
-
 void check_cuda_args(const char* op, const at::Tensor& q) {
     TORCH_CHECK(q.is_cuda(), op, ": q must be a CUDA tensor, got ", q.device()); // the rest are on q's device
     TORCH_CHECK(
@@ -52,26 +39,9 @@ std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(
         return {out, lse};
     }
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    visit_dtype(q.scalar_type(), [&](auto tag) {
+    visit_float_dtype(q.scalar_type(), [&](auto tag) {
         using E = cuda_element_t<decltype(tag)>;
-        core::AttentionFwdParams<E> p{};
-        p.q = static_cast<const E*>(q.const_data_ptr());
-        p.k = static_cast<const E*>(k.const_data_ptr());
-        p.v = static_cast<const E*>(v.const_data_ptr());
-        p.out = static_cast<E*>(out.mutable_data_ptr());
-        p.lse = lse.mutable_data_ptr<float>();
-        p.segments = seg.defined() ? seg.const_data_ptr<int32_t>() : nullptr;
-        p.q_stride = attention_strides(q);
-        p.k_stride = attention_strides(k);
-        p.v_stride = attention_strides(v);
-        p.out_stride = attention_strides(out);
-        p.batch = q.size(0);
-        p.heads = q.size(1);
-        p.kv_heads = k.size(1);
-        p.tokens = q.size(2);
-        p.head_dim = q.size(3);
-        p.scale = static_cast<float>(sc);
-        attention_fwd_launch<E>(p, stream);
+        attention_fwd_launch<E>(attention_fwd_params<E>(q, k, v, seg, out, lse, sc), stream);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {out, lse};
@@ -96,35 +66,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
     }
     at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    visit_dtype(q.scalar_type(), [&](auto tag) {
+    visit_float_dtype(q.scalar_type(), [&](auto tag) {
         using E = cuda_element_t<decltype(tag)>;
-        AttentionBwdLaunch<E> a{};
-        core::AttentionBwdParams<E>& p = a.p;
-        p.grad_out = static_cast<const E*>(g.const_data_ptr());
-        p.q = static_cast<const E*>(q.const_data_ptr());
-        p.k = static_cast<const E*>(k.const_data_ptr());
-        p.v = static_cast<const E*>(v.const_data_ptr());
-        p.out = static_cast<const E*>(o.const_data_ptr());
-        p.lse = lse.const_data_ptr<float>();
-        p.segments = seg.defined() ? seg.const_data_ptr<int32_t>() : nullptr;
-        p.dq = static_cast<E*>(dq.mutable_data_ptr());
-        p.dk = static_cast<E*>(dk.mutable_data_ptr());
-        p.dv = static_cast<E*>(dv.mutable_data_ptr());
-        p.grad_out_stride = attention_strides(g);
-        p.q_stride = attention_strides(q);
-        p.k_stride = attention_strides(k);
-        p.v_stride = attention_strides(v);
-        p.out_stride = attention_strides(o);
-        p.dq_stride = attention_strides(dq);
-        p.dk_stride = attention_strides(dk);
-        p.dv_stride = attention_strides(dv);
-        p.batch = q.size(0);
-        p.heads = q.size(1);
-        p.kv_heads = k.size(1);
-        p.tokens = q.size(2);
-        p.head_dim = q.size(3);
-        p.scale = static_cast<float>(sc);
-        a.delta = delta.mutable_data_ptr<float>();
+        const AttentionBwdLaunch<E> a{
+            attention_bwd_params<E>(g, q, k, v, o, lse, seg, dq, dk, dv, sc), delta.mutable_data_ptr<float>()};
         attention_bwd_launch<E>(a, stream);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -15,6 +15,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <gtest/gtest.h>
 
+#include "attention_checks.h"
 #include "qlora/ops.h"
 
 // After torch's headers: simt.h defines CUDA's keywords as macros.
@@ -574,23 +575,9 @@ template <typename T> void check_attention_kernels() {
                 qlora::simt::set_seed(static_cast<uint64_t>(c.T + max_blocks));
                 at::Tensor out = at::full({c.B, c.T, c.H, c.D}, NAN).to(dt).transpose(1, 2);
                 at::Tensor lse = at::full({c.B, c.H, c.T}, NAN);
-                qlora::core::AttentionFwdParams<T> p{};
-                p.q = static_cast<const T*>(q.const_data_ptr());
-                p.k = static_cast<const T*>(k.const_data_ptr());
-                p.v = static_cast<const T*>(v.const_data_ptr());
-                p.out = static_cast<T*>(out.data_ptr());
-                p.lse = lse.data_ptr<float>();
-                p.segments = seg.defined() ? seg.const_data_ptr<int32_t>() : nullptr;
-                p.q_stride = {q.stride(0), q.stride(1), q.stride(2)};
-                p.k_stride = {k.stride(0), k.stride(1), k.stride(2)};
-                p.v_stride = {v.stride(0), v.stride(1), v.stride(2)};
-                p.out_stride = {out.stride(0), out.stride(1), out.stride(2)};
-                p.batch = c.B;
-                p.heads = c.H;
-                p.kv_heads = c.KVH;
-                p.tokens = c.T;
-                p.head_dim = c.D;
-                p.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.D)));
+                const double scale = 1.0 / std::sqrt(static_cast<double>(c.D));
+                const qlora::core::AttentionFwdParams<T> p =
+                    qlora::attention_fwd_params<T>(q, k, v, seg, out, lse, scale);
                 cuda::attention_fwd_launch<T>(p, nullptr, max_blocks);
                 const std::string what = std::string(c10::toString(dt)) + " T=" + std::to_string(c.T) +
                                          " D=" + std::to_string(c.D) + " max_blocks=" + std::to_string(max_blocks) +
@@ -601,32 +588,9 @@ template <typename T> void check_attention_kernels() {
 
                 at::Tensor dq = at::full_like(q, NAN), dk = at::full_like(k, NAN), dv = at::full_like(v, NAN);
                 at::Tensor delta = at::full({c.B, c.H, c.T}, NAN);
-                cuda::AttentionBwdLaunch<T> a{};
-                a.p.grad_out = static_cast<const T*>(g.const_data_ptr());
-                a.p.q = p.q;
-                a.p.k = p.k;
-                a.p.v = p.v;
-                a.p.out = p.out;
-                a.p.lse = p.lse;
-                a.p.segments = p.segments;
-                a.p.dq = static_cast<T*>(dq.data_ptr());
-                a.p.dk = static_cast<T*>(dk.data_ptr());
-                a.p.dv = static_cast<T*>(dv.data_ptr());
-                a.p.grad_out_stride = {g.stride(0), g.stride(1), g.stride(2)};
-                a.p.q_stride = p.q_stride;
-                a.p.k_stride = p.k_stride;
-                a.p.v_stride = p.v_stride;
-                a.p.out_stride = p.out_stride;
-                a.p.dq_stride = {dq.stride(0), dq.stride(1), dq.stride(2)};
-                a.p.dk_stride = {dk.stride(0), dk.stride(1), dk.stride(2)};
-                a.p.dv_stride = {dv.stride(0), dv.stride(1), dv.stride(2)};
-                a.p.batch = c.B;
-                a.p.heads = c.H;
-                a.p.kv_heads = c.KVH;
-                a.p.tokens = c.T;
-                a.p.head_dim = c.D;
-                a.p.scale = p.scale;
-                a.delta = delta.data_ptr<float>();
+                const cuda::AttentionBwdLaunch<T> a{
+                    qlora::attention_bwd_params<T>(g, q, k, v, out, lse, seg, dq, dk, dv, scale),
+                    delta.data_ptr<float>()};
                 cuda::attention_bwd_dq_launch<T>(a, nullptr, max_blocks);
                 cuda::attention_bwd_dkv_launch<T>(a, nullptr, max_blocks);
                 EXPECT_LE(max_error(dq, ref.dq), bound(low.dq, ref.dq)) << what << ": dq";
