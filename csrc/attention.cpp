@@ -5,7 +5,6 @@
 // differentiable.
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -50,8 +49,7 @@ class CausalAttentionFunction : public torch::autograd::Function<CausalAttention
         at::AutoDispatchBelowADInplaceOrView guard;
         auto [out, lse] = call_forward(q, k, v, segment_ids, scale);
         ctx->save_for_backward({q, k, v, out, lse, segment_ids.has_value() ? *segment_ids : at::Tensor()});
-        ctx->saved_data["has_scale"] = scale.has_value();
-        ctx->saved_data["scale"] = scale.has_value() ? *scale : 0.0;
+        ctx->saved_data["scale"] = scale; // None when not given
         ctx->mark_non_differentiable({lse});
         return {out, lse};
     }
@@ -61,13 +59,10 @@ class CausalAttentionFunction : public torch::autograd::Function<CausalAttention
         const auto saved = ctx->get_saved_variables();
         const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
         const OptTensor seg = saved[5].defined() ? OptTensor(saved[5]) : std::nullopt;
-        const std::optional<double> scale = ctx->saved_data["has_scale"].toBool()
-                                                ? std::optional<double>(ctx->saved_data["scale"].toDouble())
-                                                : std::nullopt;
+        const std::optional<double> scale = ctx->saved_data["scale"].toOptional<double>();
+        // out is the only differentiable output and autograd materializes an unused gradient as zeros, so
+        // grad_outputs[0] is always defined here.
         const at::Tensor& g = grad_outputs[0];
-        if (!g.defined()) { // only lse was used: nothing flows back
-            return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v), at::Tensor(), at::Tensor()};
-        }
         auto [dq, dk, dv] = call_backward(g, q, k, v, out, lse, seg, scale);
         return {dq, dk, dv, at::Tensor(), at::Tensor()};
     }

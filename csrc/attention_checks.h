@@ -15,6 +15,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include "core/attention.h"
@@ -123,6 +124,40 @@ inline at::Tensor attention_segments32(const char* op, const std::optional<at::T
     at::Tensor s32 = s.to(at::kInt).contiguous();
     TORCH_CHECK(s32.to(at::kLong).equal(s), op, ": segment_ids must fit in int32");
     return s32;
+}
+
+// What every backend's op does before its kernel: the checks above, inputs the kernels can read, int32 segments and
+// the outputs (forward: out and lse; backward: dq, dk, dv shaped and strided like q, k, v).
+struct AttentionArgs {
+    at::Tensor q, k, v, segments32;
+    at::Tensor grad_out, out, lse; // backward only
+    double scale = 0.0;
+};
+
+inline AttentionArgs attention_prepare(
+    const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& segment_ids, std::optional<double> scale
+) {
+    AttentionArgs a;
+    a.scale = attention_check_args(op, q, k, v, segment_ids, scale);
+    a.q = attention_rowwise(q);
+    a.k = attention_rowwise(k);
+    a.v = attention_rowwise(v);
+    a.segments32 = attention_segments32(op, segment_ids);
+    return a;
+}
+
+inline AttentionArgs attention_prepare_backward(
+    const char* op, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& segment_ids,
+    std::optional<double> scale
+) {
+    AttentionArgs a = attention_prepare(op, q, k, v, segment_ids, scale);
+    attention_check_backward_args(op, grad_out, q, out, lse);
+    a.grad_out = attention_rowwise(grad_out);
+    a.out = attention_rowwise(out);
+    a.lse = lse.contiguous();
+    return a;
 }
 
 // Kernel params over checked tensors (last dimensions contiguous, segments from attention_segments32). E is the

@@ -280,13 +280,7 @@ template <typename T> void pack_f32(CpuIsa isa, const float* src, int64_t ld, in
         }
     }
 #endif
-    std::vector<T> tmp(static_cast<size_t>(K * N));
-    for (int64_t k = 0; k < K; ++k) {
-        for (int64_t n = 0; n < N; ++n) {
-            tmp[k * N + n] = static_cast<T>(src[k * ld + n]);
-        }
-    }
-    attn::pack_b(tmp.data(), N, 1, K, N, dst);
+    attn::pack_b<T, float>(src, ld, 1, K, N, dst);
 }
 
 // dst[r * ld_dst + c] = T(src[r * ld_src + c] * mul) for an [M, N] block.
@@ -340,10 +334,10 @@ void pack_kv(
         for (int64_t bk = a; bk < e; ++bk) {
             const T* src = base + (bk / KVH) * st.batch + (bk % KVH) * st.head;
             if (transposed != nullptr) {
-                attn::pack_b(src, 1, st.token, D, T_, transposed->data() + bk * t_size);
+                attn::pack_b<T>(src, 1, st.token, D, T_, transposed->data() + bk * t_size);
             }
             if (rows != nullptr) {
-                attn::pack_b(src, st.token, 1, T_, D, rows->data() + bk * r_size);
+                attn::pack_b<T>(src, st.token, 1, T_, D, rows->data() + bk * r_size);
             }
         }
     });
@@ -524,42 +518,36 @@ template <typename T> void attention_backward_cpu(const core::AttentionBwdParams
 // Ops
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_cpu(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const std::optional<at::Tensor>& segment_ids, std::optional<double> scale
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& segment_ids,
+    std::optional<double> scale
 ) {
-    const char* op = "qlora::causal_attention";
-    const double sc = attention_check_args(op, q_in, k_in, v_in, segment_ids, scale);
-    const at::Tensor q = attention_rowwise(q_in), k = attention_rowwise(k_in), v = attention_rowwise(v_in);
-    const at::Tensor seg = attention_segments32(op, segment_ids);
-    auto [out, lse] = attention_empty_outputs(q);
-    if (q.numel() == 0) {
+    const AttentionArgs a = attention_prepare("qlora::causal_attention", q, k, v, segment_ids, scale);
+    auto [out, lse] = attention_empty_outputs(a.q);
+    if (a.q.numel() == 0) {
         return {out, lse};
     }
-    visit_float_dtype(q.scalar_type(), [&](auto tag) {
+    visit_float_dtype(a.q.scalar_type(), [&](auto tag) {
         using T = decltype(tag);
-        attention_forward_cpu(attention_fwd_params<T>(q, k, v, seg, out, lse, sc));
+        attention_forward_cpu(attention_fwd_params<T>(a.q, a.k, a.v, a.segments32, out, lse, a.scale));
     });
     return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cpu(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& segment_ids,
-    std::optional<double> scale
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& segment_ids, std::optional<double> scale
 ) {
-    const char* op = "qlora::causal_attention_backward";
-    const double sc = attention_check_args(op, q_in, k_in, v_in, segment_ids, scale);
-    attention_check_backward_args(op, grad_out_in, q_in, out_in, lse_in);
-    const at::Tensor q = attention_rowwise(q_in), k = attention_rowwise(k_in), v = attention_rowwise(v_in);
-    const at::Tensor g = attention_rowwise(grad_out_in), o = attention_rowwise(out_in), lse = lse_in.contiguous();
-    const at::Tensor seg = attention_segments32(op, segment_ids);
-    at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-    if (q.numel() == 0) {
+    const AttentionArgs a =
+        attention_prepare_backward("qlora::causal_attention_backward", grad_out, q, k, v, out, lse, segment_ids, scale);
+    at::Tensor dq = at::empty_like(a.q), dk = at::empty_like(a.k), dv = at::empty_like(a.v);
+    if (a.q.numel() == 0) {
         return {dq, dk.zero_(), dv.zero_()};
     }
-    visit_float_dtype(q.scalar_type(), [&](auto tag) {
+    visit_float_dtype(a.q.scalar_type(), [&](auto tag) {
         using T = decltype(tag);
-        attention_backward_cpu(attention_bwd_params<T>(g, q, k, v, o, lse, seg, dq, dk, dv, sc));
+        attention_backward_cpu(
+            attention_bwd_params<T>(a.grad_out, a.q, a.k, a.v, a.out, a.lse, a.segments32, dq, dk, dv, a.scale)
+        );
     });
     return {dq, dk, dv};
 }

@@ -183,18 +183,19 @@ bool bf16_dot_available(CpuIsa isa) {
     return isa == CpuIsa::kAvx512 && cpu_has_avx512_bf16();
 }
 
-template <typename T> void pack_b(const T* src, int64_t row_stride, int64_t col_stride, int64_t K, int64_t N, T* dst) {
+template <typename T, typename S>
+void pack_b(const S* src, int64_t row_stride, int64_t col_stride, int64_t K, int64_t N, T* dst) {
     constexpr int64_t g = PackTraits<T>::kRowGroup;
     const int64_t ps = panel_stride<T>(K);
     const T zero(0.0f);
     for (int64_t p = 0; p * kPanel < N; ++p) {
         const int64_t n1 = std::min(kPanel, N - p * kPanel);
-        const T* cols = src + p * kPanel * col_stride;
+        const S* cols = src + p * kPanel * col_stride;
         for (int64_t k0 = 0; k0 < K; k0 += g) { // one packed row: g rows of B, interleaved per column
             T* out = dst + p * ps + k0 * kPanel;
             for (int64_t n = 0; n < n1; ++n) {
                 for (int64_t e = 0; e < g; ++e) {
-                    out[n * g + e] = k0 + e < K ? cols[(k0 + e) * row_stride + n * col_stride] : zero;
+                    out[n * g + e] = k0 + e < K ? static_cast<T>(cols[(k0 + e) * row_stride + n * col_stride]) : zero;
                 }
             }
             std::fill(out + n1 * g, out + kPanel * g, zero);
@@ -230,7 +231,7 @@ void gemm(
 }
 
 #define QLORA_INSTANTIATE_ATTN_GEMM(T)                                                                                 \
-    template void pack_b<T>(const T*, int64_t, int64_t, int64_t, int64_t, T*);                                         \
+    template void pack_b<T, T>(const T*, int64_t, int64_t, int64_t, int64_t, T*);                                      \
     template void gemm<T>(                                                                                             \
         CpuIsa, int64_t, int64_t, int64_t, const T*, int64_t, const T*, int64_t, float*, int64_t, bool                 \
     );
@@ -238,5 +239,7 @@ QLORA_INSTANTIATE_ATTN_GEMM(float)
 QLORA_INSTANTIATE_ATTN_GEMM(c10::BFloat16)
 QLORA_INSTANTIATE_ATTN_GEMM(c10::Half)
 #undef QLORA_INSTANTIATE_ATTN_GEMM
+template void pack_b<c10::BFloat16, float>(const float*, int64_t, int64_t, int64_t, int64_t, c10::BFloat16*);
+template void pack_b<c10::Half, float>(const float*, int64_t, int64_t, int64_t, int64_t, c10::Half*);
 
 } // namespace qlora::cpu::attn

@@ -46,9 +46,10 @@ template <typename T> constexpr int64_t packed_size(int64_t K, int64_t N) {
     return (N + kPanel - 1) / kPanel * panel_stride<T>(K);
 }
 
-// Packs B[k][n] = src[k * row_stride + n * col_stride] (k < K, n < N) into `dst` (packed_size(K, N) elements,
-// panels panel_stride<T>(K) apart).
-template <typename T> void pack_b(const T* src, int64_t row_stride, int64_t col_stride, int64_t K, int64_t N, T* dst);
+// Packs B[k][n] = T(src[k * row_stride + n * col_stride]) (k < K, n < N; S is T, or float rounded to T) into `dst`
+// (packed_size(K, N) elements, panels panel_stride<T>(K) apart).
+template <typename T, typename S = T>
+void pack_b(const S* src, int64_t row_stride, int64_t col_stride, int64_t K, int64_t N, T* dst);
 
 // C = (accumulate ? C : 0) + A B, B packed as above with panels `b_panel_stride` elements apart.
 template <typename T>

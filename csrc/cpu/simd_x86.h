@@ -89,7 +89,9 @@ QLORA_AVX512 inline __m512 round16(__m512 v, const c10::Half*) {
 // (also for -inf), above 88.7 +inf, NaN stays NaN. x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so n ln2 is
 // exact), e^r by its degree-7 Taylor polynomial (truncation below 2^-27 relative), then scaled by 2^n.
 QLORA_AVX512 inline __m512 exp16(__m512 x) {
-    const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-104.0f)); // keeps r finite for x = -inf; NaN passes through
+    // Keeps r finite for x = -inf. MAXPS returns its second operand when either is NaN, so x goes second: a NaN
+    // score stays NaN instead of becoming a probability of 0.
+    const __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
     const __m512 n = _mm512_roundscale_ps(
         _mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC
     );

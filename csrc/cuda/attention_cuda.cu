@@ -25,52 +25,46 @@ void check_cuda_args(const char* op, const at::Tensor& q) {
 }
 
 std::tuple<at::Tensor, at::Tensor> causal_attention_cuda(
-    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const std::optional<at::Tensor>& segment_ids, std::optional<double> scale
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& segment_ids,
+    std::optional<double> scale
 ) {
     const char* op = "qlora::causal_attention";
-    const double sc = attention_check_args(op, q_in, k_in, v_in, segment_ids, scale);
-    check_cuda_args(op, q_in);
-    const c10::cuda::CUDAGuard guard(q_in.device());
-    const at::Tensor q = attention_rowwise(q_in), k = attention_rowwise(k_in), v = attention_rowwise(v_in);
-    const at::Tensor seg = attention_segments32(op, segment_ids);
-    auto [out, lse] = attention_empty_outputs(q);
-    if (q.numel() == 0) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    const AttentionArgs a = attention_prepare(op, q, k, v, segment_ids, scale);
+    check_cuda_args(op, a.q);
+    auto [out, lse] = attention_empty_outputs(a.q);
+    if (a.q.numel() == 0) {
         return {out, lse};
     }
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    visit_float_dtype(q.scalar_type(), [&](auto tag) {
+    visit_float_dtype(a.q.scalar_type(), [&](auto tag) {
         using E = cuda_element_t<decltype(tag)>;
-        attention_fwd_launch<E>(attention_fwd_params<E>(q, k, v, seg, out, lse, sc), stream);
+        attention_fwd_launch<E>(attention_fwd_params<E>(a.q, a.k, a.v, a.segments32, out, lse, a.scale), stream);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {out, lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> causal_attention_backward_cuda(
-    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& segment_ids,
-    std::optional<double> scale
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& segment_ids, std::optional<double> scale
 ) {
     const char* op = "qlora::causal_attention_backward";
-    const double sc = attention_check_args(op, q_in, k_in, v_in, segment_ids, scale);
-    attention_check_backward_args(op, grad_out_in, q_in, out_in, lse_in);
-    check_cuda_args(op, q_in);
-    const c10::cuda::CUDAGuard guard(q_in.device());
-    const at::Tensor q = attention_rowwise(q_in), k = attention_rowwise(k_in), v = attention_rowwise(v_in);
-    const at::Tensor g = attention_rowwise(grad_out_in), o = attention_rowwise(out_in), lse = lse_in.contiguous();
-    const at::Tensor seg = attention_segments32(op, segment_ids);
-    at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-    if (q.numel() == 0) {
+    const c10::cuda::CUDAGuard guard(q.device());
+    const AttentionArgs a = attention_prepare_backward(op, grad_out, q, k, v, out, lse, segment_ids, scale);
+    check_cuda_args(op, a.q);
+    at::Tensor dq = at::empty_like(a.q), dk = at::empty_like(a.k), dv = at::empty_like(a.v);
+    if (a.q.numel() == 0) {
         return {dq, dk.zero_(), dv.zero_()};
     }
-    at::Tensor delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+    at::Tensor delta = at::empty({a.q.size(0), a.q.size(1), a.q.size(2)}, a.q.options().dtype(at::kFloat));
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-    visit_float_dtype(q.scalar_type(), [&](auto tag) {
+    visit_float_dtype(a.q.scalar_type(), [&](auto tag) {
         using E = cuda_element_t<decltype(tag)>;
-        const AttentionBwdLaunch<E> a{
-            attention_bwd_params<E>(g, q, k, v, o, lse, seg, dq, dk, dv, sc), delta.mutable_data_ptr<float>()};
-        attention_bwd_launch<E>(a, stream);
+        const AttentionBwdLaunch<E> launch{
+            attention_bwd_params<E>(a.grad_out, a.q, a.k, a.v, a.out, a.lse, a.segments32, dq, dk, dv, a.scale),
+            delta.mutable_data_ptr<float>()};
+        attention_bwd_launch<E>(launch, stream);
     });
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {dq, dk, dv};

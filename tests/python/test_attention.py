@@ -130,6 +130,15 @@ class TestValues:
         b = qlora.causal_attention(q, k, v, seg.int())
         assert torch.equal(a, b)
 
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_nan_input_gives_nan_not_a_silent_zero(self, dtype):
+        q, k, v, _ = make(1, 2, 1, 40, 16, dtype, seed=9)
+        k = k.clone()
+        k[0, 0, 3, 5] = float("nan")  # key 3: every query from 3 on sees it
+        out = qlora.causal_attention(q, k, v)
+        assert torch.isfinite(out[:, :, :3]).all()
+        assert torch.isnan(out[:, :, 3:]).all(dim=-1).all()
+
     def test_one_segment_is_plain_causal(self):
         q, k, v, _ = make(2, 4, 2, 70, 16, torch.bfloat16, seed=5)
         seg = torch.full((2, 70), 7, dtype=torch.long)
@@ -167,7 +176,7 @@ class TestLayoutAndDeterminism:
         for a, b in zip(one, two):
             assert torch.equal(a, b)
 
-    def test_lse_only_gives_zero_gradients(self):
+    def test_lse_is_not_differentiable(self):
         q, k, v, _ = make(1, 2, 1, 10, 8, torch.float32)
         q.requires_grad_()
         out, lse = torch.ops.qlora.causal_attention(q, k, v)
