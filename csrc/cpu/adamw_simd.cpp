@@ -94,7 +94,7 @@ template <typename T> void adamw32_range_scalar(const core::Adamw32Params<T>& P,
 // no NaN lane, and bitsandbytes' first-moment sign fix (core::adamw8_sign_fix) reduces to one case: for the
 // mirror-symmetric signed map a code is negative exactly below 127, a positive m never gets a negative code, and a
 // negative m (or -0) gets a non-negative code only as 127 (+0), which the fix turns into 126. So a negative lane's
-// code is min(max(254 - r, 0), 126), r being the code of |y|.
+// code is 254 - min(max(r, 128), 254), r being the code of |y|; the kernel applies that to the packed bytes.
 
 // Code of |y| in the positive half-table (dynamic8_lut_encode before mirroring): one gather per 16 values.
 QLORA_AVX512 inline __m512i lut_code_abs16(const Dynamic8Lut& lut, __m512i abits) {
@@ -110,59 +110,77 @@ QLORA_AVX512 inline __m512i lut_code_abs16(const Dynamic8Lut& lut, __m512i abits
     return _mm512_mask_add_epi32(r, up, r, _mm512_set1_epi32(1));
 }
 
-// Code of |y| by Note [Segment-affine nearest code] (dynamic8_lut.h): the binade and one compare with its boundary
-// index the run's affine map (permutes of 32-entry tables), and int(t), capped at the run's last code, is the code;
-// 16 values of which any lies within the margin of a decision point take the table lookup.
-QLORA_AVX512 inline __m512i affine_code_abs16(const Dynamic8Lut& lut, __m512i abits) {
+// The affine tables of one map (Note [Segment-affine nearest code]) held in registers for a block: 32 entries each
+// as two halves; `on` is false for a map without them, which then takes the bucketed table alone.
+struct AffineRegs {
+    __m512 boundary0, boundary1, a0, a1, b0, b1;
+    __m512i hi0, hi1;
+    bool on;
+};
+
+QLORA_AVX512 inline AffineRegs affine_regs(const Dynamic8Lut& lut) {
     const Dynamic8Affine& A = lut.affine;
-    const __m512 y = _mm512_castsi512_ps(abits);
-    __m512i e = _mm512_sub_epi32(_mm512_srli_epi32(abits, 23), _mm512_set1_epi32(Dynamic8Affine::kExponentBase));
-    e = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_setzero_si512()), _mm512_set1_epi32(Dynamic8Affine::kBinades - 1));
-    const __m512 boundary = _mm512_permutex2var_ps(_mm512_load_ps(A.boundary), e, _mm512_load_ps(A.boundary + 16));
-    e = _mm512_mask_add_epi32(e, _mm512_cmp_ps_mask(y, boundary, _CMP_GE_OQ), e, _mm512_set1_epi32(1));
-    const __m512 a = _mm512_permutex2var_ps(_mm512_load_ps(A.a), e, _mm512_load_ps(A.a + 16));
-    const __m512 b = _mm512_permutex2var_ps(_mm512_load_ps(A.b), e, _mm512_load_ps(A.b + 16));
-    const __m512i hi = _mm512_permutex2var_epi32(_mm512_load_si512(A.hi), e, _mm512_load_si512(A.hi + 16));
-    const __m512 t = _mm512_fmadd_ps(y, a, b);
-    const __m512i code = _mm512_min_epi32(_mm512_cvttps_epi32(t), hi);
-    const __m512 frac = _mm512_sub_ps(t, _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    const __mmask16 near = _mm512_cmp_ps_mask(_mm512_abs_ps(frac), _mm512_set1_ps(Dynamic8Affine::kMargin), _CMP_LT_OQ);
-    if (__builtin_expect(near != 0, 0)) {
-        return lut_code_abs16(lut, abits);
+    return {
+        _mm512_load_ps(A.boundary),
+        _mm512_load_ps(A.boundary + 16),
+        _mm512_load_ps(A.a),
+        _mm512_load_ps(A.a + 16),
+        _mm512_load_ps(A.b),
+        _mm512_load_ps(A.b + 16),
+        _mm512_load_si512(A.hi),
+        _mm512_load_si512(A.hi + 16),
+        lut.has_affine};
+}
+
+// Codes of 16 values |y| (|y| < 2) in the low byte of each lane, the rest of the lane unspecified. The affine rule:
+// |y| raised to 2^-30 at least (all values below share the lowest code), so its exponent modulo 32 is the binade (the
+// permutes read the low five bits of the index); one compare with the binade's boundary; u = |y| · a + b; near if
+// bits 4-14 of bits(u) are zero, else code = min(bits(u) >> 15, hi). 16 values of which one is near take the table.
+QLORA_AVX512 inline __m512i code_abs16(const Dynamic8Lut& lut, const AffineRegs& A, __m512 y) {
+    // VRANGEPS imm 0b1011: the operand of larger magnitude with the sign cleared, here max(|y|, 2^-30).
+    const __m512 ay =
+        _mm512_range_ps(y, _mm512_castsi512_ps(_mm512_set1_epi32(Dynamic8Affine::kExponentBase << 23)), 0b1011);
+    if (!A.on) {
+        return lut_code_abs16(lut, _mm512_castps_si512(ay));
     }
-    return code;
+    __m512i e = _mm512_srli_epi32(_mm512_castps_si512(ay), 23);
+    const __m512 boundary = _mm512_permutex2var_ps(A.boundary0, e, A.boundary1);
+    e = _mm512_mask_add_epi32(e, _mm512_cmp_ps_mask(ay, boundary, _CMP_GE_OQ), e, _mm512_set1_epi32(1));
+    const __m512 a = _mm512_permutex2var_ps(A.a0, e, A.a1);
+    const __m512 b = _mm512_permutex2var_ps(A.b0, e, A.b1);
+    const __m512i hi = _mm512_permutex2var_epi32(A.hi0, e, A.hi1);
+    const __m512i u = _mm512_castps_si512(_mm512_fmadd_ps(ay, a, b));
+    if (__builtin_expect(_mm512_testn_epi32_mask(u, _mm512_set1_epi32(0x7ff0)) != 0, 0)) {
+        return lut_code_abs16(lut, _mm512_castps_si512(ay));
+    }
+    return _mm512_min_epi32(_mm512_srli_epi32(u, 15), hi);
 }
 
-// Code of |y|: the affine rule where the map has it, else the bucketed table.
-QLORA_AVX512 inline __m512i code_abs16(const Dynamic8Lut& lut, __m512i abits) {
-    return lut.has_affine ? affine_code_abs16(lut, abits) : lut_code_abs16(lut, abits);
-}
-
-// state1 codes of 16 first moments m (scaled: y = m · scale1), signed table, sign fix included.
-QLORA_AVX512 inline __m512i adamw8_encode_m16(const Dynamic8Lut& lut1, __m512 m, __m512 scale1) {
-    const __m512i bits = _mm512_castps_si512(_mm512_mul_ps(m, scale1));
-    const __m512i r = code_abs16(lut1, _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)));
-    const __m512i mirrored = _mm512_min_epi32(
-        _mm512_max_epi32(_mm512_sub_epi32(_mm512_set1_epi32(254), r), _mm512_setzero_si512()), _mm512_set1_epi32(126)
-    );
+// state1 codes of 16 first moments m (y = m · scale1), signed table, sign fix included.
+QLORA_AVX512 inline __m128i adamw8_encode_m16(const Dynamic8Lut& lut1, const AffineRegs& A1, __m512 m, __m512 scale1) {
+    const __m128i r = _mm512_cvtepi32_epi8(code_abs16(lut1, A1, _mm512_mul_ps(m, scale1)));
     // The sign of m decides (m and y have the same sign bit: scale1 > 0).
-    return _mm512_mask_mov_epi32(r, _mm512_movepi32_mask(_mm512_castps_si512(m)), mirrored);
+    const __mmask16 neg = _mm512_cmplt_epi32_mask(_mm512_castps_si512(m), _mm512_setzero_si512());
+    __m128i q = _mm_mask_max_epu8(r, neg, r, _mm_set1_epi8(static_cast<char>(128)));
+    q = _mm_mask_min_epu8(q, neg, q, _mm_set1_epi8(static_cast<char>(254)));
+    return _mm_mask_sub_epi8(q, neg, _mm_set1_epi8(static_cast<char>(254)), q);
 }
 
-// state2 codes of 16 second moments v >= +0 (scaled: y = v · scale2), unsigned table.
-QLORA_AVX512 inline __m512i adamw8_encode_v16(const Dynamic8Lut& lut2, __m512 v, __m512 scale2) {
-    return code_abs16(lut2, _mm512_castps_si512(_mm512_mul_ps(v, scale2)));
+// state2 codes of 16 second moments v >= +0 (y = v · scale2), unsigned table.
+QLORA_AVX512 inline __m128i adamw8_encode_v16(const Dynamic8Lut& lut2, const AffineRegs& A2, __m512 v, __m512 scale2) {
+    return _mm512_cvtepi32_epi8(code_abs16(lut2, A2, _mm512_mul_ps(v, scale2)));
 }
 
 // Encodes the multiple-of-16 prefix of x (see adamw8_encode_run); returns its length.
 QLORA_AVX512 int64_t
 adamw8_encode_run_avx512(const Dynamic8Lut& lut, const float* x, float scale, int64_t n, uint8_t* q) {
     const __m512 sv = _mm512_set1_ps(scale);
+    const AffineRegs A = affine_regs(lut);
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
         const __m512 xv = _mm512_loadu_ps(x + i);
-        const __m512i c = lut.is_signed ? adamw8_encode_m16(lut, xv, sv) : adamw8_encode_v16(lut, xv, sv);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), _mm512_cvtepi32_epi8(c));
+        const __m128i c = lut.is_signed ? adamw8_encode_m16(lut, A, xv, sv) : adamw8_encode_v16(lut, A, xv, sv);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i), c);
     }
     return i;
 }
@@ -244,15 +262,9 @@ QLORA_AVX512 inline void adamw8_decode_block_permute(
     }
 }
 
-// Running max of |x| as unsigned integers: for non-negative floats the bit order is the value order and any NaN
-// is above +inf, so NaN sticks like in core::absmax_update (only its payload may differ).
-QLORA_AVX512 inline __m512i absmax_bits16(__m512i mx, __m512 x) {
-    return _mm512_max_epu32(mx, _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff)));
-}
-
+// Lanes of g that are finite (not NaN, not ±Inf).
 QLORA_AVX512 inline __mmask16 finite16(__m512 g) {
-    const __m512i exp_mask = _mm512_set1_epi32(0x7f800000);
-    return _mm512_cmpneq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(g), exp_mask), exp_mask);
+    return _knot_mask16(_mm512_fpclass_ps_mask(g, 0x01 | 0x80 | 0x08 | 0x10)); // QNaN, SNaN, +Inf, -Inf
 }
 
 // p = T(p + delta), then T(p * decay), written only in lanes k.
@@ -294,8 +306,8 @@ QLORA_AVX512 void adamw8_block_avx512(
     const __m512 one_minus_beta1 = _mm512_set1_ps(s.one_minus_beta1);
     const __m512 beta2 = _mm512_set1_ps(s.beta2);
     const __m512 one_minus_beta2 = _mm512_set1_ps(s.one_minus_beta2);
-    __m512i max1 = _mm512_setzero_si512();
-    __m512i max2 = _mm512_setzero_si512();
+    __m512 max1 = _mm512_setzero_ps();     // max |m|
+    __m512i max2 = _mm512_setzero_si512(); // max v as bits: v >= +0 (Note [AdamW8 AVX-512 encoding])
     // Software prefetch of a block a few blocks ahead, one cache line of each stream per iteration.
     const int64_t ahead = s0 + kPrefetchBlocks * kAdamw8BlockSize;
     const bool prefetch = ahead + kAdamw8BlockSize <= P.n;
@@ -320,18 +332,22 @@ QLORA_AVX512 void adamw8_block_avx512(
         const __m512 m_old = _mm512_mul_ps(_mm512_load_ps(d1 + 16 * j), a1_old);
         const __m512 v_old = _mm512_mul_ps(_mm512_load_ps(d2 + 16 * j), a2_old);
         const __mmask16 ok = finite16(g);
-        const __m512 mj =
-            _mm512_maskz_mov_ps(ok, _mm512_add_ps(_mm512_mul_ps(m_old, beta1), _mm512_mul_ps(one_minus_beta1, g)));
-        const __m512 vj = _mm512_maskz_mov_ps(
-            ok, _mm512_add_ps(_mm512_mul_ps(v_old, beta2), _mm512_mul_ps(_mm512_mul_ps(one_minus_beta2, g), g))
-        );
+        // Non-finite lanes end as +0 (Note [Non-finite gradients]).
+        const __m512 mj = _mm512_maskz_add_ps(ok, _mm512_mul_ps(m_old, beta1), _mm512_mul_ps(one_minus_beta1, g));
+        const __m512 vj =
+            _mm512_maskz_add_ps(ok, _mm512_mul_ps(v_old, beta2), _mm512_mul_ps(_mm512_mul_ps(one_minus_beta2, g), g));
         _mm512_store_ps(m + 16 * j, mj);
         _mm512_store_ps(v + 16 * j, vj);
         finite[j] = ok;
-        max1 = absmax_bits16(max1, mj);
-        max2 = absmax_bits16(max2, vj);
+        // VRANGEPS imm 0b1011: the operand of larger magnitude, sign cleared. With a finite old absmax, m and v are
+        // never NaN (g is finite or masked), and an overflow to ±inf makes the block's absmax infinite. A NaN lane
+        // needs an old absmax of +inf or NaN, which makes every lane of the block inf or NaN, so the block's max is
+        // not finite whichever lanes the reductions keep; such blocks take the scalar path.
+        max1 = _mm512_range_ps(max1, mj, 0b1011);
+        max2 = _mm512_max_epu32(max2, _mm512_castps_si512(vj));
     }
-    const float a1 = core::float_from_bits(static_cast<uint32_t>(_mm512_reduce_max_epu32(max1)));
+    const float a1 = _mm512_reduce_max_ps(max1);
+    // A negative v (only from a negative absmax2 loaded from outside) has the largest bits and fails the check below.
     const float a2 = core::float_from_bits(static_cast<uint32_t>(_mm512_reduce_max_epu32(max2)));
     if (!adamw8_vector_absmax(a1) || !adamw8_vector_absmax(a2)) {
         adamw8_block_scalar(P, &lut1, &lut2, b); // nothing has been written yet
@@ -341,15 +357,15 @@ QLORA_AVX512 void adamw8_block_avx512(
     P.absmax2[b] = a2;
     const __m512 scale1 = _mm512_set1_ps(core::block_scale(a1));
     const __m512 scale2 = _mm512_set1_ps(core::block_scale(a2));
+    const AffineRegs A1 = affine_regs(lut1);
+    const AffineRegs A2 = affine_regs(lut2);
     for (int j = 0; j < kVecs; ++j) {
         const int64_t i = s0 + 16 * j;
         const __m512 mj = _mm512_load_ps(m + 16 * j);
         const __m512 vj = _mm512_load_ps(v + 16 * j);
         adamw_store_param16(P.param + i, finite[j], adamw_delta16(mj, vj, s), s);
-        const __m512i c1 = adamw8_encode_m16(lut1, mj, scale1);
-        const __m512i c2 = adamw8_encode_v16(lut2, vj, scale2);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(P.state1 + i), _mm512_cvtepi32_epi8(c1));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(P.state2 + i), _mm512_cvtepi32_epi8(c2));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(P.state1 + i), adamw8_encode_m16(lut1, A1, mj, scale1));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(P.state2 + i), adamw8_encode_v16(lut2, A2, vj, scale2));
     }
 }
 

@@ -18,6 +18,7 @@ namespace {
 // Note [Segment-affine nearest code]: fills lut->affine for the non-negative half of `map` (codes first..255) and
 // returns whether the map has the structure the note relies on, each fact checked here.
 bool build_affine(const float* map, int first, Dynamic8Affine* A) {
+    constexpr double kOffset = static_cast<double>(Dynamic8Affine::kBias) + Dynamic8Affine::kMargin;
     const auto midpoint = [&](int c) {
         return core::fmul_rn(core::fadd_rn(map[c], map[c + 1]), 0.5f);
     };
@@ -59,7 +60,10 @@ bool build_affine(const float* map, int first, Dynamic8Affine* A) {
     double run_b[16];
     for (int r = 0; r < runs; ++r) {
         run_a[r] = static_cast<float>(hi[r] > lo[r] ? 1.0 / gap(lo[r]) : 0.0);
-        run_b[r] = static_cast<float>(lo[r] + 0.5 - static_cast<double>(map[lo[r]]) * run_a[r]);
+        // The tables store b + kBias + kMargin as a float32; every check below uses the b that this rounded value
+        // implies.
+        const float biased = static_cast<float>(lo[r] + 0.5 - static_cast<double>(map[lo[r]]) * run_a[r] + kOffset);
+        run_b[r] = static_cast<double>(biased) - kOffset;
         for (int k = lo[r]; k < hi[r]; ++k) {
             const double t = static_cast<double>(midpoint(k)) * run_a[r] + run_b[r];
             if (!(std::fabs(t - (k + 1)) <= 0.5 * Dynamic8Affine::kMargin)) {
@@ -112,8 +116,8 @@ bool build_affine(const float* map, int first, Dynamic8Affine* A) {
         }
         const int r = run_of[e];
         A->a[e] = static_cast<float>(run_a[r]);
-        A->b[e] = static_cast<float>(run_b[r]);
-        A->hi[e] = hi[r];
+        A->b[e] = static_cast<float>(run_b[r] + kOffset); // exact: run_b was made from this float
+        A->hi[e] = Dynamic8Affine::kCodeBias + hi[r];
     }
     return true;
 }

@@ -32,27 +32,37 @@ namespace qlora::cpu {
 // binade e (the float exponent of y; 32 binades from 2^-30 up): a binade holds at most one boundary between runs
 // (the float32 midpoint of the two codes, moved up one float when the tie goes to the upper code), and the part
 // above it is in the run the next binade starts in, so the tables are indexed by e + (y >= boundary[e]). That is four
-// in-register permutes for 16 values where the bucketed table needs a gather. Exactness, each fact checked by the
-// builder: every decision point inside a run sits within kMargin / 2 of its integer, |t(midpoint) - (k + 1)| <=
-// kMargin / 2 (in double precision; the canonical maps stay within 2^-13.9, their entries being rounded float32
-// values); every run boundary splits as the search does on both sides of it; t at the lowest value of a run is at
-// least lo + kMargin / 2, so int(t) needs no lower clamp. The vector encoder takes the bucketed lookup instead for
-// any 16 values of which one has t within kMargin of an integer. Elsewhere the computed t (one FMA, error <= 2^-17
-// since t < 256) and the exact t(y) have the same floor, and t(y) lies on the same side of every t(midpoint) as the
-// integer k + 1 does (kMargin - 2^-17 > kMargin / 2), so int(t) counts the midpoints below y, which is the search's
-// answer (the bucket proof above shows the search is that staircase). Values are |y| < 2 (the vector
-// preconditions), so binades above 1 are the top run. With fractions of t spread evenly, 2 · 16 · 2^-12 = 0.8 % of
-// 16-value groups fall back (0.04 % measured on optimizer states).
+// in-register permutes for 16 values where the bucketed table needs a gather.
+// The vector encoder computes u = y · a + (b + 256 + kMargin) = t + 256 + kMargin with one FMA: u lies in [256, 512),
+// where a float has 15 fraction bits, so the low 15 bits of bits(u) are the fraction of t + kMargin, which is below
+// 2 · kMargin = 16 · 2^-15 ("near": t within kMargin of an integer) exactly when bits 4-14 are zero, one test; and
+// otherwise bits(u) >> 15 is kCodeBias + int(t). The tables hold b + 256 + kMargin (rounded to float32 once; the
+// checks below use that rounded value) and kCodeBias + hi, so the code is min(bits(u) >> 15, hi), in the low byte.
+// Where t >= 256 the clamp decides alone (int(t) > hi).
+// Exactness, each fact checked by the builder: every decision point inside a run sits within kMargin / 2 of its
+// integer, |t(midpoint) - (k + 1)| <= kMargin / 2 (in double precision; the canonical maps stay within 2^-13.5);
+// every run boundary splits as the search does on both sides of it; t at the lowest value of a run is at least
+// lo + kMargin / 2, so int(t) needs no lower clamp. The vector encoder takes the bucketed lookup instead for any 16
+// values of which one is near. Elsewhere the computed u (one FMA, error <= 2^-16) and the exact u(y) have the same
+// floor, the fraction of the exact t(y) stays at least kMargin - 2^-16 from an integer, so int(t) is that floor
+// minus 256 and t(y) lies on the same side of every t(midpoint) as the integer k + 1 does (kMargin - 2^-16 >
+// kMargin / 2), so int(t) counts the midpoints below y, which is the search's answer (the bucket
+// proof above shows the search is that staircase). Values are |y| < 2 (the vector preconditions), so binades above
+// 1 are the top run; values below 2^-30 are raised to 2^-30 first, which lies in binade 0 with them. With fractions
+// of t spread evenly, 2 · 16 · 2^-12 = 0.8 % of 16-value groups fall back (0.04 % measured on optimizer states).
 struct Dynamic8Affine {
     static constexpr int kBinades = 32;
     static constexpr uint32_t kExponentBase = 96; // binade 0: float exponents <= 96 (|y| < 2^-30), 31: >= 127
     static constexpr float kMargin = 1.0f / 4096.0f;
+    static constexpr float kBias = 256.0f;
+    static constexpr int32_t kCodeBias = 0x8700; // bits(256.0f) >> 15
 
-    // Indexed by binade, plus one above the binade's boundary.
+    // Indexed by binade (the float exponent minus kExponentBase, which is also the exponent modulo 32), plus one
+    // above the binade's boundary.
     alignas(64) float boundary[kBinades]; // y >= boundary: the next run; +inf where the binade has none
-    alignas(64) float a[kBinades];        // t = y · a + b of the run
+    alignas(64) float a[kBinades];        // u = y · a + b = t + kBias + kMargin of the run
     alignas(64) float b[kBinades];
-    alignas(64) int32_t hi[kBinades]; // last code of the run
+    alignas(64) int32_t hi[kBinades]; // kCodeBias + the last code of the run
 };
 
 struct Dynamic8Lut {

@@ -7,6 +7,7 @@
 #include <limits>
 #include <memory>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -267,6 +268,86 @@ TEST(Dynamic8LutTest, AdamwBlocksEqualScalarWithEveryDecodeAndEncode) {
     if (!has_vbmi) {
         GTEST_SKIP() << "no AVX-512 VBMI on this CPU: the byte-plane decode did not run (the other three did)";
     }
+}
+
+// Blocks the vector kernel must hand to the scalar path: old absmax values that are +inf or NaN (a previous step
+// overflowed, or a state was loaded from outside), gradients that overflow the moments, and NaN / ±inf gradient
+// lanes. A NaN moment (0 · inf from a zero code) must reach the block's absmax, as in core::absmax_update, so the
+// vector and scalar kernels write the same bytes (NaN payloads included).
+TEST(Dynamic8LutTest, AdamwBlocksEqualScalarOnNonFiniteStates) {
+    using qlora::cpu::CpuIsa;
+    if (qlora::cpu::cpu_isa_supported() != CpuIsa::kAvx512) {
+        GTEST_SKIP() << "no AVX-512 on this CPU";
+    }
+    const int64_t blocks = 12;
+    const int64_t n = blocks * 256;
+    const std::vector<float> qmap1 = canonical_map(true);
+    const std::vector<float> qmap2 = canonical_map(false);
+    const auto lut1 = qlora::cpu::dynamic8_lut(qmap1.data(), true);
+    const auto lut2 = qlora::cpu::dynamic8_lut(qmap2.data(), false);
+    ASSERT_TRUE(lut1 && lut2);
+    std::mt19937 rng(5);
+    std::normal_distribution<float> normal;
+    std::uniform_int_distribution<int> code(0, 255);
+    std::vector<float> p(n), g(n), a1(blocks), a2(blocks);
+    std::vector<uint8_t> s1(n), s2(n);
+    for (int64_t i = 0; i < n; ++i) {
+        p[i] = normal(rng);
+        g[i] = normal(rng) * 0.01f;
+        s1[i] = static_cast<uint8_t>(code(rng));
+        s2[i] = static_cast<uint8_t>(code(rng));
+    }
+    s1[256 + 3] = 127; // a zero code in a block whose absmax is +inf: 0 · inf = NaN
+    s2[512 + 9] = 0;
+    for (int64_t b = 0; b < blocks; ++b) {
+        a1[b] = 0.01f;
+        a2[b] = 1e-4f;
+    }
+    const float inf = std::numeric_limits<float>::infinity();
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    a1[1] = inf;                                                // block 1: m = NaN in one lane, ±inf elsewhere
+    a2[2] = inf;                                                // block 2: v = NaN in one lane
+    a1[3] = nan;                                                // block 3: every m NaN
+    a2[4] = -nan;                                               // block 4: every v NaN, sign bit set
+    g[5 * 256 + 7] = 3e38f;                                     // block 5: (1 - β2) g² overflows v to +inf
+    g[6 * 256 + 1] = -3e38f;                                    // block 6 likewise, negative g
+    g[7 * 256 + 100] = nan;                                     // block 7: a NaN gradient lane (reset, parameter kept)
+    g[8 * 256 + 0] = -inf;                                      // block 8: an infinite gradient lane
+    std::fill(g.begin() + 9 * 256, g.begin() + 10 * 256, 0.0f); // block 9: all-zero gradient and states
+    std::fill(s1.begin() + 9 * 256, s1.begin() + 10 * 256, uint8_t{127});
+    std::fill(s2.begin() + 9 * 256, s2.begin() + 10 * 256, uint8_t{0});
+    // blocks 0, 10 and 11 are ordinary and take the vector path
+    const auto run = [&](CpuIsa isa) {
+        std::vector<float> pp = p, b1 = a1, b2 = a2;
+        std::vector<uint8_t> q1 = s1, q2 = s2;
+        const qlora::core::Adamw8Params<float> P{pp.data(),
+                                                 g.data(),
+                                                 q1.data(),
+                                                 q2.data(),
+                                                 b1.data(),
+                                                 b2.data(),
+                                                 qmap1.data(),
+                                                 qmap2.data(),
+                                                 n,
+                                                 qlora::core::adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, 3)};
+        qlora::cpu::adamw8_blocks(isa, P, lut1.get(), lut2.get(), 0, blocks);
+        std::vector<uint32_t> bits;
+        for (const auto* v : {&pp, &b1, &b2}) {
+            for (float x : *v) {
+                bits.push_back(bits_from_float(x));
+            }
+        }
+        return std::make_tuple(bits, q1, q2);
+    };
+    const auto want = run(CpuIsa::kScalar);
+    const auto got = run(CpuIsa::kAvx512);
+    const auto& want_bits = std::get<0>(want);
+    const auto& got_bits = std::get<0>(got);
+    for (size_t i = 0; i < want_bits.size(); ++i) {
+        ASSERT_EQ(got_bits[i], want_bits[i]) << "float " << i << " (parameters, then absmax1, then absmax2)";
+    }
+    EXPECT_EQ(std::get<1>(got), std::get<1>(want));
+    EXPECT_EQ(std::get<2>(got), std::get<2>(want));
 }
 
 } // namespace
