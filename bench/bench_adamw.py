@@ -10,6 +10,11 @@ bitsandbytes' test tolerance of torch's AdamW (spec §4.8). The optimizers step 
 steps each (states are non-zero by then), so a slow phase of a shared machine slows all of them alike; times are
 medians over the rounds and each ratio is the median of its per-round ratios to the fastest torch AdamW of that round.
 State memory is bytes of optimizer state per parameter.
+
+Then where the 8-bit step's time goes (one thread, 64 Ki elements so the data stays in the L2 cache): build/bin/
+bench_adamw_parts (bench/adamw_parts.cpp, built by scripts/setup.sh) times the 8-bit step, the 32-bit step and, alone,
+the decoding and encoding of both 8-bit moments, each checked against the scalar kernels first; torch's fused AdamW
+kernel is timed on tensors of the same size here.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -109,6 +115,44 @@ def bench_case(n: int, threads: int, repeat: int) -> dict:
     return out
 
 
+PARTS_BIN = os.environ.get("QLORA_BENCH_ADAMW_PARTS",
+                           os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "bin",
+                                        "bench_adamw_parts"))
+
+
+def bench_parts(rounds: int) -> dict:
+    """The C++ parts benchmark plus torch's fused AdamW kernel (torch._fused_adamw_, the op that AdamW(fused=True)
+    calls, without the optimizer's Python overhead, which at this size would be most of the time) on float32 tensors
+    of the same size, one thread."""
+    if not os.path.exists(PARTS_BIN):
+        raise SystemExit(f"{PARTS_BIN}: not built (scripts/setup.sh builds it; or set QLORA_BENCH_ADAMW_PARTS)")
+    out = subprocess.run([PARTS_BIN, "--rounds", str(rounds)], check=True, capture_output=True, text=True).stdout
+    doc = json.loads(out)
+    n = doc["elements"]
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    p, g = torch.randn(n), torch.randn(n) * 0.01
+    m, v, step = torch.zeros(n), torch.zeros(n), torch.tensor(0.0)
+
+    def fused_step() -> float:
+        step.add_(1)
+        t0 = time.perf_counter()
+        torch._fused_adamw_([p], [g], [m], [v], [], [step], lr=LR, beta1=0.9, beta2=0.999, weight_decay=WD, eps=1e-8,
+                            amsgrad=False, maximize=False)
+        return time.perf_counter() - t0
+
+    # The kernel must be the AdamW the validation above checks: one step on a copy equals torch.optim.AdamW's.
+    ref = torch.nn.Parameter(p.clone())
+    ref.grad = g
+    torch.optim.AdamW([ref], lr=LR, weight_decay=WD, fused=True).step()
+    fused_step()
+    assert torch.equal(p, ref.detach()), "torch._fused_adamw_ differs from torch.optim.AdamW(fused=True)"
+    for _ in range(3):
+        fused_step()
+    doc["ns_per_element"]["torch_fused_kernel"] = statistics.median(fused_step() for _ in range(rounds)) / n * 1e9
+    return doc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one small size, few repeats (a smoke run)")
@@ -126,7 +170,10 @@ def main() -> None:
             for name, sec in r["seconds"].items():
                 line += f"  {name} {sec * 1e3:8.2f} ms (x{r['ratio_to_fastest_torch'][name]:.2f})"
             print(line, flush=True)
-    doc = {"machine": machine(), "cases": cases}
+    parts = bench_parts(31 if args.quick else 301)
+    print("parts, ns per element (1 thread, %d elements): %s" % (parts["elements"], ", ".join(
+        f"{k} {v:.3f}" for k, v in parts["ns_per_element"].items())), flush=True)
+    doc = {"machine": machine(), "cases": cases, "parts": parts}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as fh:
         json.dump(doc, fh, indent=1)

@@ -233,10 +233,10 @@ QLORA_AVX512_VBMI inline void lookup256_bytes64(const uint8_t (&planes)[4][256],
     const __m512i w01hi = _mm512_unpackhi_epi8(b[0], b[1]);
     const __m512i w23lo = _mm512_unpacklo_epi8(b[2], b[3]);
     const __m512i w23hi = _mm512_unpackhi_epi8(b[2], b[3]);
-    _mm512_store_si512(out, _mm512_unpacklo_epi16(w01lo, w23lo));
-    _mm512_store_si512(out + 16, _mm512_unpackhi_epi16(w01lo, w23lo));
-    _mm512_store_si512(out + 32, _mm512_unpacklo_epi16(w01hi, w23hi));
-    _mm512_store_si512(out + 48, _mm512_unpackhi_epi16(w01hi, w23hi));
+    _mm512_storeu_si512(out, _mm512_unpacklo_epi16(w01lo, w23lo));
+    _mm512_storeu_si512(out + 16, _mm512_unpackhi_epi16(w01lo, w23lo));
+    _mm512_storeu_si512(out + 32, _mm512_unpacklo_epi16(w01hi, w23hi));
+    _mm512_storeu_si512(out + 48, _mm512_unpackhi_epi16(w01hi, w23hi));
 }
 
 // The map values of one block's codes (q1 into lut1's map, q2 into lut2's) into d1, d2 [256]. Not inlined: the
@@ -250,6 +250,16 @@ __attribute__((noinline)) QLORA_AVX512_VBMI void adamw8_decode_block_vbmi(
     }
 }
 
+// Decodes the multiple-of-64 prefix of q into out (adamw8_decode_run); returns its length.
+__attribute__((noinline)) QLORA_AVX512_VBMI int64_t
+adamw8_decode_run_vbmi(const Dynamic8Lut& lut, const uint8_t* q, int64_t n, float* out) {
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+        lookup256_bytes64(lut.value_bytes, q + i, out + i);
+    }
+    return i;
+}
+
 // The same without VBMI.
 QLORA_AVX512 inline void adamw8_decode_block_permute(
     const float* qmap1, const float* qmap2, const uint8_t* q1, const uint8_t* q2, float* d1, float* d2
@@ -260,6 +270,16 @@ QLORA_AVX512 inline void adamw8_decode_block_permute(
         _mm512_store_ps(d1 + j, lookup256(qmap1, c1));
         _mm512_store_ps(d2 + j, lookup256(qmap2, c2));
     }
+}
+
+// Decodes the multiple-of-16 prefix of q into out without VBMI; returns its length.
+QLORA_AVX512 int64_t adamw8_decode_run_permute(const float* map, const uint8_t* q, int64_t n, float* out) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i)));
+        _mm512_storeu_ps(out + i, lookup256(map, c));
+    }
+    return i;
 }
 
 // Lanes of g that are finite (not NaN, not ±Inf).
@@ -629,6 +649,18 @@ template <typename T> void adamw32_range(CpuIsa isa, const core::Adamw32Params<T
     }
 #endif
     adamw32_range_scalar(params, i0, i1);
+}
+
+void adamw8_decode_run(CpuIsa isa, const Dynamic8Lut& lut, const float* map, const uint8_t* q, int64_t n, float* out) {
+    int64_t i = 0;
+#if defined(QLORA_X86)
+    if (isa == CpuIsa::kAvx512) {
+        i = adamw8_vbmi_decode() ? adamw8_decode_run_vbmi(lut, q, n, out) : adamw8_decode_run_permute(map, q, n, out);
+    }
+#endif
+    for (; i < n; ++i) {
+        out[i] = map[q[i]];
+    }
 }
 
 void adamw8_encode_run(CpuIsa isa, const Dynamic8Lut& lut, const float* x, float scale, int64_t n, uint8_t* q) {

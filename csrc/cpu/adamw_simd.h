@@ -33,6 +33,11 @@ template <typename T> void adamw32_range(CpuIsa isa, const core::Adamw32Params<T
 // x[i] >= +0 for an unsigned table.
 void adamw8_encode_run(CpuIsa isa, const Dynamic8Lut& lut, const float* x, float scale, int64_t n, uint8_t* q);
 
+// The map values adamw8_blocks decodes states to, for tests and benchmarks: out[i] = map[q[i]] with `map` the map
+// `lut` was built from, on the ISA's vector path (AVX-512: VBMI byte planes when adamw8_vbmi_decode(), else float
+// permutes; AVX2 and scalar: a plain lookup).
+void adamw8_decode_run(CpuIsa isa, const Dynamic8Lut& lut, const float* map, const uint8_t* q, int64_t n, float* out);
+
 // Whether the AVX-512 8-bit kernel decodes states with VBMI byte permutes (Note [Byte-plane decode]); on by default
 // where the CPU has VBMI. Tests turn it off to run the VBMI-free decode on the same machine; enabling it on a CPU
 // without VBMI throws.

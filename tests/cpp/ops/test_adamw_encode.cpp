@@ -158,6 +158,45 @@ TEST(Dynamic8LutTest, AdamwEncodersEqualCoreOnEveryIsa) {
     }
 }
 
+// The decoders adamw8_blocks uses (VBMI byte planes, float permutes, plain lookups) give map[q] for every code, in
+// any order and at any length (tails included), on every ISA this CPU has.
+TEST(Dynamic8LutTest, AdamwDecodersEqualMapOnEveryIsa) {
+    using qlora::cpu::CpuIsa;
+    std::mt19937 rng(3);
+    std::uniform_int_distribution<int> code(0, 255);
+    std::vector<uint8_t> q(1000 + 77);
+    for (size_t i = 0; i < q.size(); ++i) {
+        q[i] = static_cast<uint8_t>(i < 256 ? i : code(rng)); // every code once, then random ones
+    }
+    const bool has_vbmi = qlora::cpu::cpu_has_avx512_vbmi();
+    for (bool is_signed : {true, false}) {
+        const std::vector<float> map = canonical_map(is_signed);
+        const auto lut = qlora::cpu::dynamic8_lut(map.data(), is_signed);
+        ASSERT_NE(lut, nullptr);
+        for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+            if (static_cast<int>(isa) > static_cast<int>(qlora::cpu::cpu_isa_supported())) {
+                continue;
+            }
+            for (bool vbmi : {false, true}) {
+                if (vbmi && !has_vbmi) {
+                    continue;
+                }
+                qlora::cpu::set_adamw8_vbmi_decode(vbmi);
+                for (size_t offset : {size_t{0}, size_t{3}}) {
+                    const int64_t n = static_cast<int64_t>(q.size() - offset);
+                    std::vector<float> out(n, -1.0f);
+                    qlora::cpu::adamw8_decode_run(isa, *lut, map.data(), q.data() + offset, n, out.data());
+                    for (int64_t i = 0; i < n; ++i) {
+                        ASSERT_EQ(bits_from_float(out[i]), bits_from_float(map[q[offset + i]]))
+                            << "isa=" << qlora::cpu::cpu_isa_name(isa) << " vbmi=" << vbmi << " i=" << i;
+                    }
+                }
+            }
+            qlora::cpu::set_adamw8_vbmi_decode(has_vbmi);
+        }
+    }
+}
+
 // Note [Segment-affine nearest code] on every float32 value in [0, 1] (and 64 above): the AVX-512 encoder with the
 // affine rule gives the same codes as with the bucketed table alone, which the tests above hold to the search.
 TEST(Dynamic8LutTest, AffineEncoderEqualsTableOnEveryFloatUpToOne) {
