@@ -40,16 +40,16 @@ namespace qlora::cpu {
 // checks below use that rounded value) and kCodeBias + hi, so the code is min(bits(u) >> 15, hi), in the low byte.
 // Where t >= 256 the clamp decides alone (int(t) > hi).
 // Exactness, each fact checked by the builder: every decision point inside a run sits within kMargin / 2 of its
-// integer, |t(midpoint) - (k + 1)| <= kMargin / 2 (in double precision; the canonical maps stay within 2^-13.5);
+// integer, |t(midpoint) - (k + 1)| <= kMargin / 2 (in double precision; the canonical maps stay within 2^-13.8);
 // every run boundary splits as the search does on both sides of it; t at the lowest value of a run is at least
 // lo + kMargin / 2, so int(t) needs no lower clamp. The vector encoder takes the bucketed lookup instead for any 16
 // values of which one is near. Elsewhere the computed u (one FMA, error <= 2^-16) and the exact u(y) have the same
 // floor, the fraction of the exact t(y) stays at least kMargin - 2^-16 from an integer, so int(t) is that floor
 // minus 256 and t(y) lies on the same side of every t(midpoint) as the integer k + 1 does (kMargin - 2^-16 >
-// kMargin / 2), so int(t) counts the midpoints below y, which is the search's answer (the bucket
-// proof above shows the search is that staircase). Values are |y| < 2 (the vector preconditions), so binades above
-// 1 are the top run; values below 2^-30 are raised to 2^-30 first, which lies in binade 0 with them. With fractions
-// of t spread evenly, 2 · 16 · 2^-12 = 0.8 % of 16-value groups fall back (0.04 % measured on optimizer states).
+// kMargin / 2), so int(t) counts the midpoints below y, which is the search's answer (the bucket proof above shows
+// the search is that staircase). Values are |y| < 2 (the vector preconditions), so binades above 1 are the top run;
+// values below 2^-30 are raised to 2^-30 first, which lies in binade 0 with them. With fractions of t spread evenly,
+// 2 · 16 · 2^-12 = 0.8 % of 16-value groups fall back (0.04 % measured on optimizer states).
 struct Dynamic8Affine {
     static constexpr int kBinades = 32;
     static constexpr uint32_t kExponentBase = 96; // binade 0: float exponents <= 96 (|y| < 2^-30), 31: >= 127
