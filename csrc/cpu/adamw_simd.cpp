@@ -133,11 +133,11 @@ QLORA_AVX512 inline AffineRegs affine_regs(const Dynamic8Lut& lut) {
 }
 
 // Codes of 16 values |y| (|y| < 2) in the low byte of each lane, the rest of the lane unspecified. The affine rule:
-// |y| raised to 2^-30 at least (all values below share the lowest code), so its exponent modulo 32 is the binade (the
-// permutes read the low five bits of the index); one compare with the binade's boundary; u = |y| · a + b; near if
+// |y| raised to 2^-31 at least (all values up to it share the lowest code), so its exponent modulo 32 is the binade
+// (the permutes read the low five bits of the index); one compare with the binade's boundary; u = |y| · a + b; near if
 // bits 4-14 of bits(u) are zero, else code = min(bits(u) >> 15, hi). 16 values of which one is near take the table.
 QLORA_AVX512 inline __m512i code_abs16(const Dynamic8Lut& lut, const AffineRegs& A, __m512 y) {
-    // VRANGEPS imm 0b1011: the operand of larger magnitude with the sign cleared, here max(|y|, 2^-30).
+    // VRANGEPS imm 0b1011: the operand of larger magnitude with the sign cleared, here max(|y|, 2^-31).
     const __m512 ay =
         _mm512_range_ps(y, _mm512_castsi512_ps(_mm512_set1_epi32(Dynamic8Affine::kExponentBase << 23)), 0b1011);
     if (!A.on) {
@@ -359,10 +359,11 @@ QLORA_AVX512 void adamw8_block_avx512(
         _mm512_store_ps(m + 16 * j, mj);
         _mm512_store_ps(v + 16 * j, vj);
         finite[j] = ok;
-        // VRANGEPS imm 0b1011: the operand of larger magnitude, sign cleared. With a finite old absmax, m and v are
-        // never NaN (g is finite or masked), and an overflow to ±inf makes the block's absmax infinite. A NaN lane
-        // needs an old absmax of +inf or NaN, which makes every lane of the block inf or NaN, so the block's max is
-        // not finite whichever lanes the reductions keep; such blocks take the scalar path.
+        // VRANGEPS imm 0b1011: the operand of larger magnitude, sign cleared; it ignores a quiet NaN operand. With a
+        // finite old absmax, m and v are never NaN (g is finite or masked to +0), and an overflow to ±inf makes the
+        // block's absmax infinite. A NaN m needs an old absmax1 of +inf or NaN, which makes every unmasked lane of
+        // the block ±inf or NaN, so max |m| is +inf or +0, and both send the block to the scalar path. A NaN v has
+        // the largest bits (as unsigned) and sends it there too.
         max1 = _mm512_range_ps(max1, mj, 0b1011);
         max2 = _mm512_max_epu32(max2, _mm512_castps_si512(vj));
     }
@@ -651,7 +652,15 @@ template <typename T> void adamw32_range(CpuIsa isa, const core::Adamw32Params<T
     adamw32_range_scalar(params, i0, i1);
 }
 
-void adamw8_decode_run(CpuIsa isa, const Dynamic8Lut& lut, const float* map, const uint8_t* q, int64_t n, float* out) {
+void adamw8_decode_run(CpuIsa isa, const Dynamic8Lut& lut, const uint8_t* q, int64_t n, float* out) {
+    float map[256]; // the table's map, from its byte planes
+    for (int c = 0; c < 256; ++c) {
+        uint32_t bits = 0;
+        for (int k = 0; k < 4; ++k) {
+            bits |= static_cast<uint32_t>(lut.value_bytes[k][c]) << (8 * k);
+        }
+        map[c] = core::float_from_bits(bits);
+    }
     int64_t i = 0;
 #if defined(QLORA_X86)
     if (isa == CpuIsa::kAvx512) {

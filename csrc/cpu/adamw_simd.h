@@ -29,14 +29,14 @@ template <typename T> void adamw32_range(CpuIsa isa, const core::Adamw32Params<T
 
 // The state codes adamw8_blocks writes, for tests: q[i] = core::adamw8_encode_m(map, x[i], scale) for a signed
 // table (sign fix included), core::adamw8_encode_v(map, x[i], scale) for an unsigned one, on the ISA's vector path.
-// Preconditions of that path (Note [AdamW8 AVX-512 encoding]): scale > 0 and finite, every |x[i] · scale| finite,
-// x[i] >= +0 for an unsigned table.
+// Preconditions of that path (Note [AdamW8 AVX-512 encoding]): scale > 0 and finite, every |x[i] · scale| < 2 (the
+// kernel's scaled states are at most 1 + 2^-23), x[i] >= +0 for an unsigned table.
 void adamw8_encode_run(CpuIsa isa, const Dynamic8Lut& lut, const float* x, float scale, int64_t n, uint8_t* q);
 
-// The map values adamw8_blocks decodes states to, for tests and benchmarks: out[i] = map[q[i]] with `map` the map
-// `lut` was built from, on the ISA's vector path (AVX-512: VBMI byte planes when adamw8_vbmi_decode(), else float
-// permutes; AVX2 and scalar: a plain lookup).
-void adamw8_decode_run(CpuIsa isa, const Dynamic8Lut& lut, const float* map, const uint8_t* q, int64_t n, float* out);
+// The map values adamw8_blocks decodes states to, for tests and benchmarks: out[i] = map[q[i]] for the map `lut` was
+// built from, on the ISA's vector path (AVX-512: VBMI byte planes when adamw8_vbmi_decode(), else float permutes;
+// AVX2 and scalar: a plain lookup).
+void adamw8_decode_run(CpuIsa isa, const Dynamic8Lut& lut, const uint8_t* q, int64_t n, float* out);
 
 // Whether the AVX-512 8-bit kernel decodes states with VBMI byte permutes (Note [Byte-plane decode]); on by default
 // where the CPU has VBMI. Tests turn it off to run the VBMI-free decode on the same machine; enabling it on a CPU

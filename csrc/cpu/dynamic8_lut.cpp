@@ -82,6 +82,11 @@ bool build_affine(const float* map, int first, Dynamic8Affine* A) {
         }
         boundary[r] = up;
     }
+    // The vector encoder raises |y| to 2^-31 first: everything up to it must have the lowest code (the search is
+    // monotone, so checking 2^-31 covers 0 .. 2^-31).
+    if (core::dynamic8_encode(map, core::float_from_bits(Dynamic8Affine::kExponentBase << 23)) != first) {
+        return false;
+    }
     // No lower clamp: t at the lowest value of each run (0, or the boundary below it) is above lo.
     for (int r = 0; r < runs; ++r) {
         const double y = r == 0 ? 0.0 : static_cast<double>(boundary[r - 1]);

@@ -48,8 +48,9 @@ namespace qlora::cpu {
 // minus 256 and t(y) lies on the same side of every t(midpoint) as the integer k + 1 does (kMargin - 2^-16 >
 // kMargin / 2), so int(t) counts the midpoints below y, which is the search's answer (the bucket proof above shows
 // the search is that staircase). Values are |y| < 2 (the vector preconditions), so binades above 1 are the top run;
-// values below 2^-30 are raised to 2^-30 first, which lies in binade 0 with them. With fractions of t spread evenly,
-// 2 · 16 · 2^-12 = 0.8 % of 16-value groups fall back (0.04 % measured on optimizer states).
+// values below 2^-31 are raised to 2^-31 first, which lies in binade 0 with them and has the lowest code too. With
+// fractions of t spread evenly, 2 · 16 · 2^-12 = 0.8 % of 16-value groups fall back (0.04 % measured on optimizer
+// states).
 struct Dynamic8Affine {
     static constexpr int kBinades = 32;
     static constexpr uint32_t kExponentBase = 96; // binade 0: float exponents <= 96 (|y| < 2^-30), 31: >= 127

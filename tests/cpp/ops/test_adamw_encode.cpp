@@ -8,6 +8,7 @@
 #include <memory>
 #include <random>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -158,41 +159,51 @@ TEST(Dynamic8LutTest, AdamwEncodersEqualCoreOnEveryIsa) {
     }
 }
 
+// Restores the AVX-512 decode choice (a process-wide switch) when a test ends, however it ends.
+struct VbmiDecodeGuard {
+    bool saved = qlora::cpu::adamw8_vbmi_decode();
+    ~VbmiDecodeGuard() { qlora::cpu::set_adamw8_vbmi_decode(saved); }
+};
+
 // The decoders adamw8_blocks uses (VBMI byte planes, float permutes, plain lookups) give map[q] for every code, in
-// any order and at any length (tails included), on every ISA this CPU has.
+// any order, at any length (tails included) and into an unaligned output, on every ISA this CPU has.
 TEST(Dynamic8LutTest, AdamwDecodersEqualMapOnEveryIsa) {
     using qlora::cpu::CpuIsa;
+    const VbmiDecodeGuard guard;
     std::mt19937 rng(3);
     std::uniform_int_distribution<int> code(0, 255);
     std::vector<uint8_t> q(1000 + 77);
     for (size_t i = 0; i < q.size(); ++i) {
         q[i] = static_cast<uint8_t>(i < 256 ? i : code(rng)); // every code once, then random ones
     }
-    const bool has_vbmi = qlora::cpu::cpu_has_avx512_vbmi();
+    // (ISA, VBMI decode) pairs: the switch only matters on AVX-512.
+    std::vector<std::pair<CpuIsa, bool>> paths = {{CpuIsa::kScalar, false}, {CpuIsa::kAvx2, false}};
+    if (qlora::cpu::cpu_isa_supported() == CpuIsa::kAvx512) {
+        paths.emplace_back(CpuIsa::kAvx512, false);
+        if (qlora::cpu::cpu_has_avx512_vbmi()) {
+            paths.emplace_back(CpuIsa::kAvx512, true);
+        }
+    }
     for (bool is_signed : {true, false}) {
         const std::vector<float> map = canonical_map(is_signed);
         const auto lut = qlora::cpu::dynamic8_lut(map.data(), is_signed);
         ASSERT_NE(lut, nullptr);
-        for (CpuIsa isa : {CpuIsa::kScalar, CpuIsa::kAvx2, CpuIsa::kAvx512}) {
+        for (const auto& [isa, vbmi] : paths) {
             if (static_cast<int>(isa) > static_cast<int>(qlora::cpu::cpu_isa_supported())) {
                 continue;
             }
-            for (bool vbmi : {false, true}) {
-                if (vbmi && !has_vbmi) {
-                    continue;
+            qlora::cpu::set_adamw8_vbmi_decode(vbmi);
+            for (size_t offset : {size_t{0}, size_t{3}}) {
+                const int64_t n = static_cast<int64_t>(q.size() - offset);
+                std::vector<float> buffer(n + 1, -1.0f);
+                float* out = buffer.data() + 1; // 4 bytes past a 64-byte-aligned allocation at best
+                qlora::cpu::adamw8_decode_run(isa, *lut, q.data() + offset, n, out);
+                for (int64_t i = 0; i < n; ++i) {
+                    ASSERT_EQ(bits_from_float(out[i]), bits_from_float(map[q[offset + i]]))
+                        << "isa=" << qlora::cpu::cpu_isa_name(isa) << " vbmi=" << vbmi << " i=" << i;
                 }
-                qlora::cpu::set_adamw8_vbmi_decode(vbmi);
-                for (size_t offset : {size_t{0}, size_t{3}}) {
-                    const int64_t n = static_cast<int64_t>(q.size() - offset);
-                    std::vector<float> out(n, -1.0f);
-                    qlora::cpu::adamw8_decode_run(isa, *lut, map.data(), q.data() + offset, n, out.data());
-                    for (int64_t i = 0; i < n; ++i) {
-                        ASSERT_EQ(bits_from_float(out[i]), bits_from_float(map[q[offset + i]]))
-                            << "isa=" << qlora::cpu::cpu_isa_name(isa) << " vbmi=" << vbmi << " i=" << i;
-                    }
-                }
+                EXPECT_EQ(buffer[0], -1.0f); // nothing written before out
             }
-            qlora::cpu::set_adamw8_vbmi_decode(has_vbmi);
         }
     }
 }
@@ -267,6 +278,7 @@ TEST(Dynamic8LutTest, AdamwBlocksEqualScalarWithEveryDecodeAndEncode) {
         }
     }
     const bool has_vbmi = qlora::cpu::cpu_has_avx512_vbmi();
+    const VbmiDecodeGuard guard;
     const auto run = [&](CpuIsa isa, bool vbmi, bool affine) {
         State st = init;
         auto l1 = std::make_unique<qlora::cpu::Dynamic8Lut>(*lut1);
@@ -287,7 +299,6 @@ TEST(Dynamic8LutTest, AdamwBlocksEqualScalarWithEveryDecodeAndEncode) {
                 qlora::core::adamw_scalars(1e-3, 0.9, 0.999, 1e-8, 0.01, step)};
             qlora::cpu::adamw8_blocks(isa, P, l1.get(), l2.get(), 0, blocks);
         }
-        qlora::cpu::set_adamw8_vbmi_decode(has_vbmi);
         return st;
     };
     const State want = run(CpuIsa::kScalar, false, false);
@@ -310,9 +321,10 @@ TEST(Dynamic8LutTest, AdamwBlocksEqualScalarWithEveryDecodeAndEncode) {
 }
 
 // Blocks the vector kernel must hand to the scalar path: old absmax values that are +inf or NaN (a previous step
-// overflowed, or a state was loaded from outside), gradients that overflow the moments, and NaN / ±inf gradient
-// lanes. A NaN moment (0 · inf from a zero code) must reach the block's absmax, as in core::absmax_update, so the
-// vector and scalar kernels write the same bytes (NaN payloads included).
+// overflowed, or a state was loaded from outside), gradients that overflow the moments, NaN / ±inf gradient lanes,
+// and a negative old absmax2. The vector kernel must notice every one of them (a NaN moment from 0 · inf included)
+// and leave the block to the scalar kernel, so both write the same bytes (NaN payloads included). A negative old
+// absmax1 only flips the decoded m and stays on the vector path, with the same result.
 TEST(Dynamic8LutTest, AdamwBlocksEqualScalarOnNonFiniteStates) {
     using qlora::cpu::CpuIsa;
     if (qlora::cpu::cpu_isa_supported() != CpuIsa::kAvx512) {
@@ -355,7 +367,9 @@ TEST(Dynamic8LutTest, AdamwBlocksEqualScalarOnNonFiniteStates) {
     std::fill(g.begin() + 9 * 256, g.begin() + 10 * 256, 0.0f); // block 9: all-zero gradient and states
     std::fill(s1.begin() + 9 * 256, s1.begin() + 10 * 256, uint8_t{127});
     std::fill(s2.begin() + 9 * 256, s2.begin() + 10 * 256, uint8_t{0});
-    // blocks 0, 10 and 11 are ordinary and take the vector path
+    a2[10] = -1e-4f; // block 10: every v decodes negative (or -0)
+    a1[11] = -0.01f; // block 11: m decodes with flipped signs
+    // block 0 is ordinary and takes the vector path
     const auto run = [&](CpuIsa isa) {
         std::vector<float> pp = p, b1 = a1, b2 = a2;
         std::vector<uint8_t> q1 = s1, q2 = s2;
