@@ -122,7 +122,8 @@ TEST(Dynamic8LutTest, OtherMapsAreBuiltOrRefused) {
 }
 
 // The encoders adamw8_blocks uses, on every ISA this CPU has: state1 codes equal core::adamw8_encode_m (search plus
-// bitsandbytes' sign fix), state2 codes equal core::adamw8_encode_v.
+// bitsandbytes' sign fix), state2 codes equal core::adamw8_encode_v, for every |x · scale| < 2 (the encoders' range;
+// the kernel's scaled states stay at or below 1 + 2^-23).
 TEST(Dynamic8LutTest, AdamwEncodersEqualCoreOnEveryIsa) {
     using qlora::cpu::CpuIsa;
     for (bool is_signed : {true, false}) {
@@ -130,8 +131,10 @@ TEST(Dynamic8LutTest, AdamwEncodersEqualCoreOnEveryIsa) {
         const auto lut = qlora::cpu::dynamic8_lut(map.data(), is_signed);
         ASSERT_NE(lut, nullptr);
         std::vector<float> x;
-        for (float a : probes(map)) {
-            if (std::isfinite(a) && a <= 1.0f) {
+        std::vector<float> values = probes(map);
+        values.insert(values.end(), {std::nextafter(1.0f, 2.0f), 1.25f, std::nextafter(2.0f, 0.0f)});
+        for (float a : values) {
+            if (std::isfinite(a) && a < 2.0f) {
                 x.push_back(a);
                 if (is_signed) {
                     x.push_back(-a);
