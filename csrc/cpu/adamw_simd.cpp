@@ -140,6 +140,7 @@ QLORA_AVX512 inline __m512i code_abs16(const Dynamic8Lut& lut, const AffineRegs&
     // VRANGEPS imm 0b1011: the operand of larger magnitude with the sign cleared, here max(|y|, 2^-31).
     const __m512 ay =
         _mm512_range_ps(y, _mm512_castsi512_ps(_mm512_set1_epi32(Dynamic8Affine::kExponentBase << 23)), 0b1011);
+    // The table may take the raised value too: its lowest bucket, [0, 2^-24), holds one code (dynamic8_lut's build).
     if (!A.on) {
         return lut_code_abs16(lut, _mm512_castps_si512(ay));
     }
